@@ -1,0 +1,261 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) with adaLN-Zero blocks.
+
+The whole model in one file, as in facebookresearch/DiT `models.py`: embedders,
+the block, the final layer, one `initialize_weights` that states every special
+init, and the size table at the bottom. Attention runs through
+`torch.nn.functional.scaled_dot_product_attention`.
+
+Shapes: images x (B, C, H, W), timesteps t (B,), labels y (B,) with the null
+class `num_classes` meaning "unconditional" (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiTConfig:
+    depth: int = 6
+    width: int = 128
+    heads: int = 4
+    patch_size: int = 2
+    image_size: int = 8
+    in_channels: int = 1
+    num_classes: int = 10
+    mlp_ratio: float = 4.0
+    family: str = "dit"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                              Shared layers                                    #
+#################################################################################
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection: rows of `qkv` are
+    [q heads | k heads | v heads], each (heads, head_dim)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) with a strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim), as in DiT/MAE."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be a multiple of 4 for the 2-D sin-cos position embedding")
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([emb(gx), emb(gy)], dim=1).float()
+
+
+#################################################################################
+#                 Embedding Layers for Timesteps and Class Labels               #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Row `num_classes` is the null class used for
+    classifier-free guidance; label dropout happens in the task, not here."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Noise-prediction DiT: forward(x, t, y) -> eps with the shape of x."""
+
+    family = "dit"
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        validate_width(config.width, config.heads, "DiT")
+        if config.image_size % config.patch_size:
+            raise ValueError(
+                f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}"
+            )
+        self.config = config
+        c = config
+        self.out_channels = c.in_channels
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.width)
+        self.t_embedder = TimestepEmbedder(c.width)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.width)
+        grid = c.image_size // c.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(c.width, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.final_layer = FinalLayer(c.width, c.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Transformer layers: xavier uniform, zero bias (DiT).
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        # Patch embedding like a linear layer.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        # Zero output layer: the untrained model predicts eps = 0.
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        c, p = self.out_channels, self.config.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+
+def validate_width(width: int, heads: int, what: str) -> None:
+    if heads < 1 or width % heads:
+        divisors = [h for h in range(1, width + 1) if width % h == 0 and (width // h) % 2 == 0]
+        raise ValueError(
+            f"{what} width {width} is not divisible by heads {heads}: attention needs whole heads. "
+            f"Valid head counts for width {width}: {divisors}."
+        )
+
+
+#################################################################################
+#                                DiT Configs                                    #
+#################################################################################
+
+# name -> (depth, width, heads); the patch size is the suffix "/p".
+DIT_SIZES = {
+    "DiT-XL": (28, 1152, 16),
+    "DiT-L": (24, 1024, 16),
+    "DiT-B": (12, 768, 12),
+    "DiT-S": (12, 384, 6),
+    # Tiny sizes that train on a CPU in minutes (8x8 digits, patch 2 -> 16 tokens).
+    "DiT-Micro": (8, 192, 6),
+    "DiT-Nano": (6, 128, 4),
+    "DiT-Pico": (4, 64, 2),
+}
+DIT_PATCHES = (2, 4, 8)

@@ -1,0 +1,145 @@
+"""Learngene files: `NAME.safetensors` (tensors) + `NAME.json` (manifest).
+
+Tensor names carry their group:
+- `learngene/<role>/<factor>`: the size-agnostic tensors (shared by layers and sizes);
+- `scalers/<role>/<factor>`: the ancestor's size-specific tensors, kept so a
+  descendant can start from them (e.g. sigma interpolated over depth);
+- `rest/<param>`: the ancestor's free parameters, for the `rest: select` policy.
+
+The manifest records the constraint and its options, the format version, the
+model family and ancestor config, role shapes, bytes per group and the SHA-256
+of every tensor; loading checks all of them. The manifest is also embedded in
+the safetensors metadata so the tensor file alone is self-describing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lgframe.errors import LgframeError
+from lgframe.io import read_safetensors, save_tensors, write_json
+
+FORMAT = "lgframe.learngene"
+FORMAT_VERSION = 1
+GROUPS = ("learngene", "scalers", "rest")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def paths_for(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    return p, p.with_suffix(".json")
+
+
+@dataclass
+class Learngene:
+    constraint: str
+    options: dict
+    family: str
+    ancestor_config: dict
+    roles: dict[str, list[int]]  # role -> [L, m, n]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def group(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of one group, names without the group prefix."""
+        pre = name + "/"
+        return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
+
+    def bytes(self, group: str | None = None) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for k, t in self.tensors.items()
+            if group is None or k.startswith(group + "/")
+        )
+
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "constraint": {"name": self.constraint, "options": self.options},
+            "model": {"family": self.family, "ancestor_config": self.ancestor_config},
+            "roles": self.roles,
+            "bytes": {g: self.bytes(g) for g in GROUPS},
+            "tensors": {
+                k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": tensor_sha256(t)}
+                for k, t in sorted(self.tensors.items())
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        st, js = paths_for(path)
+        bad = [k for k in self.tensors if k.split("/", 1)[0] not in GROUPS]
+        if bad:
+            raise ValueError(f"learngene tensor names must start with one of {GROUPS}: {bad[:3]}")
+        manifest = self.manifest()
+        save_tensors(st, self.tensors, {"lgframe_learngene": json.dumps(manifest)})
+        write_json(js, manifest)
+        return st, js
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, constraint: str | None = None, family: str | None = None
+    ) -> "Learngene":
+        """Load and verify. `constraint` / `family`, when given, must match the manifest."""
+        st, js = paths_for(path)
+        tensors, meta = read_safetensors(st, "learngene file")
+        if js.is_file():
+            try:
+                manifest = json.loads(js.read_text())
+            except json.JSONDecodeError as e:
+                raise LgframeError(f"learngene manifest '{js}' is not valid JSON ({e}).") from None
+        elif "lgframe_learngene" in meta:
+            manifest = json.loads(meta["lgframe_learngene"])
+        else:
+            raise LgframeError(f"learngene '{st}' has no manifest: expected '{js}' beside it.")
+        if manifest.get("format") != FORMAT:
+            raise LgframeError(f"'{js}' is not an lgframe learngene manifest (format {manifest.get('format')!r}).")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise LgframeError(
+                f"learngene '{st}' has format version {manifest.get('format_version')!r}; "
+                f"this lgframe reads version {FORMAT_VERSION}."
+            )
+        name = manifest["constraint"]["name"]
+        if constraint is not None and name != constraint:
+            raise LgframeError(
+                f"learngene '{st}' was made by constraint '{name}', but '{constraint}' was expected; "
+                f"descend it with constraint '{name}'."
+            )
+        fam = manifest["model"]["family"]
+        if family is not None and fam != family:
+            raise LgframeError(
+                f"learngene '{st}' comes from a '{fam}' model and cannot initialize a '{family}' model."
+            )
+        listed = manifest["tensors"]
+        if set(listed) != set(tensors):
+            raise LgframeError(
+                f"learngene '{st}' does not match its manifest: tensors missing from the file "
+                f"{sorted(set(listed) - set(tensors))[:5]}, not in the manifest {sorted(set(tensors) - set(listed))[:5]}."
+            )
+        for k, t in tensors.items():
+            if tensor_sha256(t) != listed[k]["sha256"]:
+                raise LgframeError(
+                    f"learngene '{st}': tensor '{k}' has SHA-256 {tensor_sha256(t)[:12]}..., the manifest expects "
+                    f"{listed[k]['sha256'][:12]}...; the file is corrupt or was changed. Re-extract it."
+                )
+        return cls(
+            constraint=name,
+            options=manifest["constraint"]["options"],
+            family=fam,
+            ancestor_config=manifest["model"]["ancestor_config"],
+            roles=manifest["roles"],
+            tensors=tensors,
+        )
