@@ -144,7 +144,10 @@ def load_model(path: str | os.PathLike, ema: bool = True) -> tuple[nn.Module, di
     ckpt = load_checkpoint(p)
     if "lgframe" not in ckpt:
         raise LgframeError(f"checkpoint '{p}' was not written by lgframe (no 'lgframe' entry).")
-    meta = ckpt["lgframe"]
+    meta = dict(ckpt["lgframe"])
+    recipe = ckpt.get("hyper_parameters", {}).get("recipe")
+    if recipe is not None:
+        meta["recipe"] = recipe
     key = "state_dict" if ema or "current_model_state" not in ckpt else "current_model_state"
     state = {k[len("model."):]: v for k, v in ckpt[key].items() if k.startswith("model.")}
     return build_model(meta, state), meta

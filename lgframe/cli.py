@@ -1,0 +1,236 @@
+"""`lgframe` command line. Each stage is a subcommand; `lgframe COMMAND --help` documents it.
+
+Errors a user can act on (LgframeError) print as one paragraph and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from lgframe.errors import LgframeError
+
+EPILOG = """\
+stages:
+  pretrain RECIPE -> run dir with learngene.safetensors -> descend -> train -> sample / evaluate
+
+examples:
+  lgframe demo --out lgframe_demo
+  lgframe pretrain recipes/dit_digits_pretrain.yaml constraint=svd trainer.max_steps=500
+  lgframe learngene runs/dit_digits_pretrain/checkpoints/last.ckpt --out ancestor.safetensors
+  lgframe descend ancestor.safetensors --model DiT-Pico/2 --out pico.safetensors
+  lgframe descend ancestor.safetensors --model depth=8 width=192 heads=6 --out big.safetensors
+  lgframe train recipes/dit_digits_descend.yaml init.source=pico.safetensors
+  lgframe sample runs/dit_digits_descend/checkpoints/last.ckpt --n 100 --out samples.png
+"""
+
+
+def _overrides_help() -> str:
+    return "recipe overrides as key=value (e.g. constraint=scratch trainer.max_steps=500)"
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lgframe.constraint import constraint_class, constraint_names
+    from lgframe.dit import DIT_PATCHES, DIT_SIZES
+    from lgframe.recipes import shipped_recipes
+    from lgframe.vit import VIT_PATCHES, VIT_SIZES
+
+    con = Console()
+    t = Table(title="constraints (constraint: NAME)")
+    t.add_column("name")
+    t.add_column("what")
+    for n in constraint_names():
+        doc = (constraint_class(n).__module__ and sys.modules[constraint_class(n).__module__].__doc__ or "").strip()
+        t.add_row(n, doc.splitlines()[0] if doc else "")
+    con.print(t)
+    t = Table(title="model sizes (model.name: NAME/PATCH)")
+    for c in ("name", "patches", "depth", "width", "heads"):
+        t.add_column(c)
+    for sizes, patches in ((DIT_SIZES, DIT_PATCHES), (VIT_SIZES, VIT_PATCHES)):
+        for n, (d, w, h) in sizes.items():
+            t.add_row(n, "/".join(map(str, patches)), str(d), str(w), str(h))
+    con.print(t)
+    t = Table(title="recipes")
+    t.add_column("name")
+    t.add_column("command")
+    for r in shipped_recipes():
+        first = r.read_text().splitlines()[0].lstrip("# ").strip()
+        t.add_row(r.name, first)
+    con.print(t)
+    return 0
+
+
+def cmd_fit(args, learngene: bool) -> int:
+    from lgframe.recipes import load_recipe
+    from lgframe.run import fit
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    res = fit(cfg, extract_learngene=learngene)
+    print(f"run directory: {res.run_dir}")
+    print(f"validation loss: {res.initial_loss:.4f} at step 0 -> {res.final_loss:.4f} at step {res.curve[-1][0]}")
+    if res.acc_curve:
+        print(f"validation accuracy: {res.acc_curve[-1][1]:.4f}")
+    print(f"checkpoint: {res.checkpoint}")
+    if res.learngene:
+        print(f"learngene: {res.learngene} (+ .json manifest)")
+    if res.samples:
+        print(f"samples: {res.samples}")
+    return 0
+
+
+def cmd_learngene(args) -> int:
+    from lgframe.run import extract_learngene
+
+    st, js = extract_learngene(args.checkpoint, args.out)
+    manifest = json.loads(js.read_text())
+    print(f"wrote {st} and {js}")
+    print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in manifest["bytes"].items()))
+    return 0
+
+
+def _parse_options(items: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    bad = [i for i in items if "=" not in i]
+    if bad:
+        raise LgframeError(f"--option {bad[0]!r} must look like key=value (e.g. sigma_init=copy)")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+
+
+def cmd_descend(args) -> int:
+    from lgframe.run import descend_file
+
+    model = descend_file(args.learngene, args.model, args.out, _parse_options(args.option))
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"wrote {args.out}: {c.family} depth {c.depth}, width {c.width}, heads {c.heads}; "
+          f"{n:,} parameters, {train:,} trainable (learngene frozen)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from lgframe.run import load_task, save_sample_grid
+    from lgframe.tasks import DiffusionTask
+
+    task = load_task(args.checkpoint)
+    if not isinstance(task, DiffusionTask):
+        raise LgframeError(f"'{args.checkpoint}' holds a {task.model.config.family} model; sampling needs a DiT")
+    out = save_sample_grid(task, args.out, n=args.n, guidance=args.guidance, steps=args.steps,
+                           scheduler=args.scheduler, seed=args.seed, progress=True)
+    print(f"wrote {out} ({args.n} samples, classes 0..{task.model.config.num_classes - 1} by column)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from lgframe.recipes import load_recipe
+    from lgframe.run import evaluate, load_task
+
+    task = load_task(args.checkpoint)
+    data = load_recipe(None, [f"data.name={args.data}"]).data
+    res = evaluate(task, data)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        from lgframe.io import write_json
+
+        write_json(args.out, res)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lgframe.demo import run_demo
+
+    report = run_demo(Path(args.out), steps=args.steps, descendant_steps=args.descendant_steps)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lgframe",
+        description="Constraint-based pre-training and learngene transfer (PyTorch Lightning).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log lgframe's decisions (e.g. svd fit errors)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list", help="registered constraints, model sizes and shipped recipes")
+    s.set_defaults(func=cmd_list)
+
+    for name, extract, text in (
+        ("pretrain", True, "train an ancestor under its constraint; writes a run dir with the learngene"),
+        ("train", False, "train any model: fresh, from a checkpoint or model file, or from a learngene (init.source=)"),
+    ):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("recipe", help="recipe YAML path or shipped recipe name (see `lgframe list`)")
+        s.add_argument("overrides", nargs="*", help=_overrides_help())
+        s.set_defaults(func=lambda a, e=extract: cmd_fit(a, e))
+
+    s = sub.add_parser("learngene", help="extract the learngene of a trained checkpoint")
+    s.add_argument("checkpoint", help=".ckpt or model .safetensors written by lgframe")
+    s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside)")
+    s.set_defaults(func=cmd_learngene)
+
+    s = sub.add_parser("descend", help="initialize a model of another size from a learngene")
+    s.add_argument("learngene", help="learngene .safetensors (with its .json manifest)")
+    s.add_argument("--model", required=True, nargs="+",
+                   help="target size: a name (DiT-Pico/2) and/or depth=N width=N heads=N (over the ancestor's)")
+    s.add_argument("--out", required=True, help="descendant model file (.safetensors)")
+    s.add_argument("--option", action="append", default=[],
+                   help="constraint option for the descent, key=value (e.g. sigma_init=copy, rest=fresh)")
+    s.set_defaults(func=cmd_descend)
+
+    s = sub.add_parser("sample", help="sample a DiT checkpoint to a PNG grid (one class per column)")
+    s.add_argument("checkpoint")
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--out", required=True)
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--scheduler", choices=("ddim", "ddpm"), default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("evaluate", help="validation loss (and accuracy for a ViT) of a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", default="digits", help="digits | shapes")
+    s.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="the whole chain on digits: pretrain, learngene, descend, train vs scratch, report")
+    s.add_argument("--out", default="lgframe_demo")
+    s.add_argument("--steps", type=int, default=600, help="ancestor training steps")
+    s.add_argument("--descendant-steps", type=int, default=300, help="steps for each descendant and scratch model")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 0
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        return args.func(args)
+    except LgframeError as e:
+        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

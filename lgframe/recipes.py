@@ -1,0 +1,225 @@
+"""Recipes: YAML loaded with OmegaConf and merged over a dataclass schema.
+
+An unknown key or a wrong type fails at load time with the valid keys named
+(and a close match suggested); `key=value` dotlist overrides from the command
+line go through the same check. The constraint is one line: `constraint: svd`
+or `constraint: {name: svd, rank: 16}`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from lgframe.errors import LgframeError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # symlink to the repository's recipes/
+TASKS = ("diffusion", "classification")
+
+
+@dataclass
+class ModelCfg:
+    name: str = "DiT-Nano/2"  # a size from `lgframe list`
+    depth: Optional[int] = None  # overrides of the size table
+    width: Optional[int] = None
+    heads: Optional[int] = None
+
+
+@dataclass
+class DataCfg:
+    name: str = "digits"  # digits | shapes
+    batch_size: int = 128
+    val_fraction: float = 0.2
+    seed: int = 0
+    train_fraction: float = 1.0  # < 1: the limited-data setting
+    augment: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    learngene_lr: Optional[float] = None  # None: same as lr
+    scaler_lr: Optional[float] = None  # None: same as lr (scalers often need more, see DESIGN)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerCfg:
+    max_steps: int = 1000
+    val_every: int = 100  # steps between validations
+    log_every: int = 10
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "32-true"
+    progress: bool = True
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+
+
+@dataclass
+class DiffusionCfg:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    label_dropout: float = 0.1  # probability of the null class during training (CFG)
+
+
+@dataclass
+class SampleCfg:
+    n: int = 64
+    steps: int = 50
+    guidance: float = 2.0
+    scheduler: str = "ddim"  # ddim | ddpm
+    seed: int = 0
+
+
+@dataclass
+class EmaCfg:
+    enabled: bool = True
+    decay: float = 0.999
+    start_step: int = 0
+
+
+@dataclass
+class InitCfg:
+    # Where the model's weights come from: None (fresh), a checkpoint (.ckpt or
+    # model .safetensors) or a learngene (.safetensors with a .json manifest beside).
+    source: Optional[str] = None
+    # Phase 2 of descendant training: step at which the learngene is unfrozen
+    # (-1 = never; phase 1 trains scalers and free parameters only).
+    unfreeze_at: int = -1
+
+
+@dataclass
+class Recipe:
+    task: str = "diffusion"  # diffusion | classification
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    constraint: Any = "svd"  # a name, or {name: ..., option: value}
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    trainer: TrainerCfg = field(default_factory=TrainerCfg)
+    diffusion: DiffusionCfg = field(default_factory=DiffusionCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
+    init: InitCfg = field(default_factory=InitCfg)
+
+
+def _schema_node(path: list[str]):
+    node = Recipe
+    for key in path:
+        f = {x.name: x for x in fields(node)}.get(key)
+        if f is None or not is_dataclass(f.default_factory() if f.default_factory is not None else None):
+            return node
+        node = f.default_factory().__class__
+    return node
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> LgframeError:
+    key = getattr(e, "full_key", None) or ""
+    parts = [p for p in str(key).split(".") if p]
+    if isinstance(e, ConfigKeyError) and parts:
+        parent = _schema_node(parts[:-1])
+        valid = [f.name for f in fields(parent)]
+        close = difflib.get_close_matches(parts[-1], valid, n=1)
+        hint = f" Did you mean '{'.'.join(parts[:-1] + close)}'?" if close else ""
+        section = ".".join(parts[:-1]) or "the recipe top level"
+        return LgframeError(
+            f"unknown recipe key '{key}' in {where}.{hint} Valid keys in {section}: {', '.join(valid)}."
+        )
+    if isinstance(e, ValidationError):
+        return LgframeError(f"recipe key '{key}' in {where}: {e.msg.splitlines()[0]}")
+    return LgframeError(f"recipe error in {where}: {str(e).splitlines()[0]}")
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe path, or the name of a shipped recipe (with or without .yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (RECIPE_DIR / p.name, RECIPE_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise LgframeError(
+        f"recipe '{path}' does not exist. Shipped recipes: {', '.join(r.stem for r in shipped_recipes())}."
+    )
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema defaults <- YAML file <- dotlist overrides, validated; returns a DictConfig."""
+    cfg = OmegaConf.structured(Recipe)
+    where = "defaults"
+    try:
+        if path is not None:
+            p = resolve_recipe_path(path)
+            where = str(p)
+            try:
+                loaded = OmegaConf.load(p)
+            except Exception as e:
+                raise LgframeError(f"recipe '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            if not isinstance(loaded, DictConfig):
+                raise LgframeError(f"recipe '{p}' must be a mapping of keys to values")
+            cfg = OmegaConf.merge(cfg, loaded)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise LgframeError(f"override {bad[0]!r} must look like key=value (e.g. trainer.max_steps=500)")
+            where = "command-line overrides"
+            # `constraint=svd` replaces a mapping with a name: drop the old value first.
+            for o in overrides:
+                if o.split("=", 1)[0] == "constraint":
+                    cfg.constraint = None
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    from lgframe.constraint import get_constraint
+    from lgframe.models import resolve_config
+
+    if cfg.task not in TASKS:
+        raise LgframeError(f"recipe key 'task' is {cfg.task!r}; valid: {', '.join(TASKS)}")
+    family = "dit" if cfg.task == "diffusion" else "vit"
+    m = cfg.model
+    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
+    if mc["family"] != family:
+        raise LgframeError(f"task '{cfg.task}' needs a {family.upper()} model, but model.name is '{m.name}'")
+    from lgframe.dit import validate_width
+
+    try:
+        validate_width(mc["width"], mc["heads"], m.name)
+    except ValueError as e:
+        raise LgframeError(f"recipe model: {e}") from None
+    get_constraint(constraint_spec(cfg))  # unknown name / option fails here, before training
+    if cfg.sample.scheduler not in ("ddim", "ddpm"):
+        raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm")
+    if cfg.data.name not in ("digits", "shapes"):
+        raise LgframeError(f"data.name={cfg.data.name!r}; valid: digits, shapes")
+
+
+def constraint_spec(cfg: DictConfig) -> Any:
+    c = cfg.constraint
+    if c is None:
+        raise LgframeError("recipe key 'constraint' is empty; give a name like 'svd' or 'scratch'")
+    return OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,293 @@
+"""The stages as functions: fit (pretrain / train), learngene, descend, sample, evaluate.
+
+The CLI and the demo call these; so can a notebook. A run directory holds
+config.yaml (the resolved recipe), metrics.csv, checkpoints/last.ckpt,
+learngene.safetensors + learngene.json (pretrain), samples.png (DiT) and
+loss.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lgframe.constraint import attached_constraint, constraint_class, get_constraint
+from lgframe.data import build_datamodule
+from lgframe.errors import LgframeError
+from lgframe.io import atomic_path, load_model, read_safetensors, write_text
+from lgframe.learngene import Learngene, paths_for
+from lgframe.models import model_from_config, parse_size, resolve_config
+from lgframe.recipes import constraint_spec, to_plain
+from lgframe.tasks import DiffusionTask, LgTask, make_task
+
+log = logging.getLogger("lgframe")
+
+
+# ------------------------------------------------------------------ init sources
+def source_kind(path: str | os.PathLike) -> str:
+    """'checkpoint' (.ckpt), 'model' (model .safetensors) or 'learngene'."""
+    p = Path(path)
+    if p.suffix == ".ckpt":
+        return "checkpoint"
+    st, js = paths_for(p)
+    if js.is_file():
+        return "learngene"
+    _, meta = read_safetensors(st, "init source")
+    if "lgframe" in meta:
+        return "model"
+    if "lgframe_learngene" in meta:
+        return "learngene"
+    raise LgframeError(f"'{p}' is neither an lgframe model file nor a learngene (no lgframe metadata, no manifest)")
+
+
+def descend_model(learngene: Learngene, model: nn.Module, options: dict | None = None) -> nn.Module:
+    """`model` (dense, target size) initialized from `learngene`; the learngene's
+    constraint options are kept unless `options` overrides them."""
+    opts = dict(learngene.options) | dict(options or {})
+    opts.pop("rank", None)  # ranks are re-derived for the target size
+    return constraint_class(learngene.constraint)(**opts).descend(learngene, model)
+
+
+def recipe_model_config(cfg: DictConfig) -> dict:
+    m = cfg.model
+    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
+    dm = build_datamodule(cfg.data)
+    mc.update(image_size=dm.image_size, in_channels=dm.channels, num_classes=dm.num_classes)
+    return mc
+
+
+def build_model(cfg: DictConfig) -> tuple[nn.Module, str]:
+    """The model a recipe starts from, and how configure_model attaches its constraint."""
+    src = cfg.init.source
+    if src is None:
+        return model_from_config(recipe_model_config(cfg)), "random"
+    kind = source_kind(src)
+    if kind == "learngene":
+        family = "dit" if cfg.task == "diffusion" else "vit"
+        lg = Learngene.load(src, family=family)
+        spec = constraint_spec(cfg)
+        name, opts = (spec, {}) if isinstance(spec, str) else (spec["name"], {k: v for k, v in spec.items() if k != "name"})
+        if name != lg.constraint:
+            raise LgframeError(
+                f"init.source '{src}' is a learngene of constraint '{lg.constraint}', but the recipe's constraint is "
+                f"'{name}'; set constraint={lg.constraint}."
+            )
+        model = descend_model(lg, model_from_config(recipe_model_config(cfg)), opts.get("options", opts))
+        return model, "random"
+    model, _ = load_model(src)
+    return model, "random"
+
+
+# ------------------------------------------------------------------ fit
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/loss)
+    acc_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/acc)
+    learngene: Path | None = None
+    samples: Path | None = None
+    task: LgTask | None = None
+
+    @property
+    def initial_loss(self) -> float:
+        return self.curve[0][1]
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1][1]
+
+
+def unique_dir(base: Path) -> Path:
+    if not base.exists():
+        return base
+    i = 1
+    while (base.parent / f"{base.name}-{i}").exists():
+        i += 1
+    return base.parent / f"{base.name}-{i}"
+
+
+def read_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
+    if not metrics_csv.is_file():
+        return []
+    out = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            if row.get(key):
+                out[int(row["step"])] = float(row[key])
+    return sorted(out.items())
+
+
+def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None) -> RunResult:
+    """Train the recipe's model; writes a run directory and returns its curves."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    run_dir = unique_dir(Path(run_dir or Path(cfg.out_dir) / cfg.name))
+    run_dir.mkdir(parents=True)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    recipe = to_plain(cfg)
+    model, mode = build_model(cfg)
+    task = make_task(recipe, model, mode)
+    dm = build_datamodule(cfg.data)
+    t = cfg.trainer
+    ckpt_cb = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=t.checkpoint_every or None,
+    )
+    callbacks: list = [ckpt_cb]
+    if cfg.ema.enabled:
+        callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
+    trainer = pl.Trainer(
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=t.log_every,
+        accelerator=t.accelerator,
+        strategy=t.strategy,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        logger=CSVLogger(run_dir, name="", version=""),
+        callbacks=callbacks,
+        enable_progress_bar=t.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=run_dir,
+    )
+    trainer.validate(task, datamodule=dm, verbose=False)  # the step-0 loss
+    trainer.fit(task, datamodule=dm)
+    result = RunResult(run_dir, Path(ckpt_cb.last_model_path), task=task)
+    metrics = run_dir / "metrics.csv"
+    result.curve = read_curve(metrics, "val/loss")
+    result.acc_curve = read_curve(metrics, "val/acc")
+    if trainer.is_global_zero:
+        plot_curves({cfg.name: result.curve}, run_dir / "loss.png", "validation loss")
+        spec = attached_constraint(task.model)
+        if extract_learngene and spec is not None:
+            result.learngene = paths_for(run_dir / "learngene.safetensors")[0]
+            get_constraint(spec.to_dict()).learngene(task.model).save(result.learngene)
+        if isinstance(task, DiffusionTask):
+            result.samples = run_dir / "samples.png"
+            save_sample_grid(task, result.samples, n=cfg.sample.n)
+    return result
+
+
+# ------------------------------------------------------------------ other stages
+def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+    model, meta = load_model(checkpoint)
+    if meta.get("constraint") is None:
+        raise LgframeError(
+            f"'{checkpoint}' holds a dense model with no constraint, so it has no learngene; "
+            "pre-train under a constraint (e.g. constraint=svd)."
+        )
+    return get_constraint(meta["constraint"]).learngene(model).save(out)
+
+
+def descend_file(learngene: str | os.PathLike, size: str | list[str], out: str | os.PathLike, options: dict | None = None) -> nn.Module:
+    """`lgframe descend`: a descendant model file of the given size from a learngene."""
+    lg = Learngene.load(learngene)
+    anc = lg.ancestor_config
+    base = f"{'DiT' if lg.family == 'dit' else 'ViT'}-Nano/{anc['patch_size']}"
+    name, overrides = parse_size(size, base)
+    if not any(t for t in (size if isinstance(size, list) else size.split()) if "=" not in t):
+        overrides = {k: anc[k] for k in ("depth", "width", "heads")} | overrides
+    cfg = resolve_config(name, **overrides)
+    for k in ("image_size", "in_channels", "num_classes", "patch_size", "mlp_ratio"):
+        if k not in overrides:
+            cfg[k] = anc[k]
+    if cfg["family"] != lg.family:
+        raise LgframeError(f"--model {name} is a {cfg['family']} size, the learngene comes from a {lg.family} model")
+    model = descend_model(lg, model_from_config(cfg), options)
+    from lgframe.io import save_model
+
+    save_model(model, out)
+    return model
+
+
+def load_task(checkpoint: str | os.PathLike, recipe: DictConfig | None = None) -> LgTask:
+    """A task around a saved model, for sampling and evaluation."""
+    from lgframe.recipes import load_recipe
+
+    model, meta = load_model(checkpoint)
+    if recipe is not None:
+        plain = to_plain(recipe)
+    elif "recipe" in meta:
+        plain = meta["recipe"]
+    else:  # a bare model file: default sampling and evaluation settings
+        task = "diffusion" if model.config.family == "dit" else "classification"
+        plain = to_plain(load_recipe(None, [f"task={task}", f"model.name={model.config.family.replace('dit', 'DiT').replace('vit', 'ViT')}-Nano/2"]))
+    if meta.get("constraint"):
+        plain["constraint"] = meta["constraint"]
+    return make_task(plain, model)
+
+
+def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, guidance: float | None = None,
+                     steps: int | None = None, scheduler: str | None = None, seed: int | None = None, progress: bool = False) -> Path:
+    from torchvision.utils import save_image
+
+    k = task.model.config.num_classes
+    labels = torch.arange(n) % k
+    imgs = task.sample(labels, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, progress=progress)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
+    return out
+
+
+@torch.no_grad()
+def evaluate(task: LgTask, data_cfg) -> dict:
+    """Validation loss (and accuracy for classification) on the recipe's data split."""
+    dm = build_datamodule(data_cfg)
+    dm.setup("validate")
+    task.eval()
+    losses, correct, count = [], 0, 0
+    for i, batch in enumerate(dm.val_dataloader()):
+        if isinstance(task, DiffusionTask):
+            g = torch.Generator().manual_seed(1000 + i)
+            losses.append(task.diffusion_loss(batch, generator=g).item() * len(batch[0]))
+        else:
+            x, y = batch
+            logits = task.model(x)
+            losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum").item())
+            correct += (logits.argmax(1) == y).sum().item()
+        count += len(batch[0])
+    out = {"val_loss": sum(losses) / count, "n": count}
+    if not isinstance(task, DiffusionTask):
+        out["val_acc"] = correct / count
+    return out
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], out: str | os.PathLike, ylabel: str, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, curve in curves.items():
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
+

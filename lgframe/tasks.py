@@ -1,0 +1,185 @@
+"""LightningModules: DiffusionTask (DiT, noise prediction) and ClassificationTask (ViT).
+
+Both take a recipe (a plain dict) and a model. The constraint is attached in
+`configure_model()` (idempotent, before DDP/FSDP wrap the model); its
+regularizer joins the loss and its `param_groups` (learngene / scalers / free)
+become optimizer groups with their own learning rates. A descendant's phase 2
+(`init.unfreeze_at`) unfreezes the learngene at that step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lgframe.constraint import BANK, attached_constraint, get_constraint
+from lgframe.io import model_meta
+
+
+class LgTask(pl.LightningModule):
+    def __init__(self, recipe: dict, model: nn.Module, init_mode: str = "random"):
+        super().__init__()
+        self.save_hyperparameters({"recipe": recipe})
+        self.recipe = recipe
+        self.model = model
+        self.init_mode = init_mode  # how configure_model attaches: random | dense
+        spec = attached_constraint(model)
+        self.constraint = get_constraint(spec.to_dict() if spec else recipe["constraint"])
+
+    @override
+    def configure_model(self) -> None:
+        self.constraint.attach(self.model, init=self.init_mode)
+
+    # -- optimization -------------------------------------------------------
+    @override
+    def configure_optimizers(self):
+        o = self.recipe["optim"]
+        groups = self.constraint.param_groups(self.model)
+        lrs = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
+        param_groups = [
+            {"params": ps, "lr": lrs[name] or o["lr"], "name": name} for name, ps in groups.items() if ps
+        ]
+        opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
+        warm = o["warmup_steps"]
+        if not warm:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        at = self.recipe["init"]["unfreeze_at"]
+        if at >= 0 and self.global_step == at and hasattr(self.model, BANK):
+            for p in getattr(self.model, BANK).parameters():
+                p.requires_grad_(True)
+            rank_zero_info(f"step {at}: learngene unfrozen (phase 2: all parameters train)")
+
+    def total_loss(self, task_loss: torch.Tensor, stage: str) -> torch.Tensor:
+        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=stage == "train", on_epoch=stage != "train")
+        reg = self.constraint.regularizer(self.model) if stage == "train" else None
+        if reg is None:
+            return task_loss
+        self.log("train/regularizer", reg)
+        return task_loss + reg
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lgframe"] = model_meta(self.model)
+
+
+class DiffusionTask(LgTask):
+    """DDPM noise prediction, class-conditional with label dropout for CFG."""
+
+    def __init__(self, recipe: dict, model: nn.Module, init_mode: str = "random"):
+        super().__init__(recipe, model, init_mode)
+        d = recipe["diffusion"]
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=d["num_train_timesteps"], beta_schedule=d["beta_schedule"]
+        )
+        self.null_class = model.config.num_classes
+
+    def diffusion_loss(self, batch, generator: torch.Generator | None = None, dropout: float = 0.0):
+        x, y = batch
+        T = self.noise_scheduler.config.num_train_timesteps
+        noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+        t = torch.randint(0, T, (x.shape[0],), generator=generator, device="cpu").to(x.device)
+        if dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < dropout
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        x_t = self.noise_scheduler.add_noise(x, noise, t)
+        return F.mse_loss(self.model(x_t, t, y), noise)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        loss = self.diffusion_loss(batch, dropout=self.recipe["diffusion"]["label_dropout"])
+        return self.total_loss(loss, "train")
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        # Fixed noise and timesteps per batch: validation losses compare across runs.
+        g = torch.Generator().manual_seed(1000 + batch_idx)
+        self.total_loss(self.diffusion_loss(batch, generator=g), "val")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        guidance: float | None = None,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance."""
+        s = self.recipe["sample"]
+        guidance = s["guidance"] if guidance is None else guidance
+        steps = steps or s["steps"]
+        kind = scheduler or s["scheduler"]
+        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+        sched = cls.from_config(self.noise_scheduler.config)
+        sched.set_timesteps(steps)
+        cfg = self.model.config
+        g = torch.Generator().manual_seed(s["seed"] if seed is None else seed)
+        x = torch.randn((len(labels), cfg.in_channels, cfg.image_size, cfg.image_size), generator=g).to(self.device)
+        labels = labels.to(self.device)
+        null = torch.full_like(labels, self.null_class)
+        was_training = self.model.training
+        self.model.eval()
+        timesteps = sched.timesteps
+        if progress:
+            from rich.progress import track
+
+            timesteps = track(timesteps, description=f"sampling ({kind}, {steps} steps)")
+        for t in timesteps:
+            tt = torch.full((len(labels),), int(t), device=self.device)
+            if guidance == 1.0:
+                eps = self.model(x, tt, labels)
+            else:  # conditional and unconditional in one batched forward
+                both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+                cond, uncond = both.chunk(2)
+                eps = uncond + guidance * (cond - uncond)
+            x = sched.step(eps, t, x, generator=g).prev_sample
+        self.model.train(was_training)
+        return x.clamp(-1, 1)
+
+
+class ClassificationTask(LgTask):
+    """ViT classification with torchmetrics accuracy."""
+
+    def __init__(self, recipe: dict, model: nn.Module, init_mode: str = "random"):
+        super().__init__(recipe, model, init_mode)
+        n = model.config.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+
+    @override
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        self.train_acc(logits, y)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return self.total_loss(F.cross_entropy(logits, y), "train")
+
+    @override
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+        self.total_loss(F.cross_entropy(logits, y), "val")
+
+
+TASKS = {"diffusion": DiffusionTask, "classification": ClassificationTask}
+
+
+def make_task(recipe: dict, model: nn.Module, init_mode: str = "random") -> LgTask:
+    return TASKS[recipe["task"]](recipe, model, init_mode)
+
