@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -217,11 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    lg_log = logging.getLogger("lgframe")
+    lg_log.addHandler(handler)
+    lg_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:  # Lightning's banner lines (GPU available, tips) are noise here
+        import lightning.pytorch  # noqa: F401  (it sets its logger's level at import)
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
         return 0
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
         return args.func(args)
     except LgframeError as e:

@@ -187,7 +187,9 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(c.width)
         self.y_embedder = LabelEmbedder(c.num_classes, c.width)
         grid = c.image_size // c.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed(c.width, grid).unsqueeze(0), persistent=False)
+        # Fixed sin-cos table kept as a frozen parameter, as in DiT: it travels with
+        # the weights, so a descendant of another width inherits the ancestor's.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(c.width, grid).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c.width, c.patch_size, self.out_channels)
         self.initialize_weights()

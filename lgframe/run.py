@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,16 @@ from lgframe.recipes import constraint_spec, to_plain
 from lgframe.tasks import DiffusionTask, LgTask, make_task
 
 log = logging.getLogger("lgframe")
+
+# Known, harmless warnings of the libraries, silenced so real ones stand out.
+for _pattern in (
+    r".*WeightAveraging callback with a model that overrides the configure_model.*",  # attach is not sharding
+    r".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written there first
+    r".*does not have many workers.*",  # in-memory tensors: workers would only add start-up time
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*litlogger.*",
+):
+    warnings.filterwarnings("ignore", message=_pattern)
 
 
 # ------------------------------------------------------------------ init sources

@@ -22,9 +22,12 @@ roles stay zero).
 
 Descent to (L', m', n'): the r' = min(r, m', n') components with the largest
 mean |sigma| are kept; U', V' are the rows of U, V picked by the layout's
-consistent width selection (whole heads); rows that are new when growing are
-drawn with each component's row std (lgframe's extension: FINE varies depth
-only). sigma' by `sigma_init`: interpolate (linear over normalized depth),
+consistent width selection (whole heads). Growing (lgframe's extension: FINE
+varies depth only): new rows of U are drawn with each component's row spread,
+so new output features are alive; new rows of V are zero, so new input
+features do not disturb what the inherited ones compute (measured on digits,
+Nano -> width 192: step-0 loss 0.27 with zero V rows vs 0.37 with random ones,
+ancestor 0.25). sigma' by `sigma_init`: interpolate (linear over normalized depth),
 copy (layer l takes ancestor layer min(l, L-1)) or random (as at attach).
 The descendant trains sigma' and the free parameters with U', V' frozen
 (phase 1), then optionally everything (phase 2, the recipe's `init.unfreeze_at`).
@@ -138,9 +141,9 @@ class SVD(Constraint):
         r2 = current["U"].shape[1]
         keep = sigma.abs().mean(0).argsort(descending=True)[:r2].sort().values
         U, V, sigma = U[:, keep], V[:, keep], sigma[:, keep]
-        # Rows new to a wider model: random, with each component's row spread.
+        # Rows new to a wider model: random outputs, zero inputs (see the module docstring).
         U2 = select_width(U, torch.randn(m2, r2) * U.std(0), a, b, f"{role.name} U")
-        V2 = select_width(V, torch.randn(n2, r2) * V.std(0), a, b, f"{role.name} V")
+        V2 = select_width(V, torch.zeros(n2, r2), a, b, f"{role.name} V")
         how = self.options.sigma_init
         if how == "interpolate":
             sigma2 = resample_depth(sigma, L2)

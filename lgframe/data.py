@@ -1,0 +1,249 @@
+"""Small image data sets and the Lightning data module that serves them.
+
+Two domains, both 10 classes of 1x8x8 images in [-1, 1] (background -1):
+
+* ``digits``: scikit-learn's bundled handwritten digits (1797 images, no download);
+* ``shapes``: procedurally drawn shapes, a second domain for transfer experiments.
+
+Batches are ``(images, labels)``: float32 (B, 1, 8, 8) and int64 (B,).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+from lgframe.errors import LgframeError
+
+DATA_NAMES = ("digits", "shapes")
+SHAPES_SEED = 0
+SHAPE_NAMES = (
+    "filled square",
+    "hollow square",
+    "horizontal bar",
+    "vertical bar",
+    "plus",
+    "x",
+    "triangle",
+    "two dots",
+    "L",
+    "T",
+)
+
+
+class DataError(LgframeError, ValueError):
+    """A bad data argument: a ValueError for library callers, an LgframeError so
+    the CLI prints it as a one-paragraph message."""
+
+
+def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits: images float32 (1797, 1, 8, 8) in [-1, 1], labels int64 (1797,)."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, read from disk
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1) / 16 * 2 - 1
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def make_shapes(n: int, seed: int = 0, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` shapes of 10 classes (see SHAPE_NAMES) with random position, scale and
+    intensity: images float32 (n, 1, size, size) in [-1, 1], labels int64 (n,).
+
+    Classes are balanced (counts differ by at most one) and the result depends
+    only on ``(n, seed, size)``.
+    """
+    if n < 0:
+        raise DataError(f"make_shapes: n={n} must be >= 0")
+    if size < 5:
+        raise DataError(f"make_shapes: size={size} must be >= 5 (a shape spans at least 5 pixels)")
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SHAPE_NAMES))
+    # Half-extent r: a shape spans 2r+1 pixels, 5 or 7 at size 8.
+    r = rng.integers(max(2, round(size * 0.25)), max(2, round(size * 0.4)) + 1, size=n)
+    # Centres within a pixel or so of the middle: thin strokes at 8x8 stop
+    # overlapping across positions if they move further, and the class is lost.
+    j = max(1, size // 8)
+    lo = np.maximum(r, size // 2 - j)
+    hi = np.minimum(size - 1 - r, size // 2 + j - 1)  # the shape stays on the canvas
+    cy = rng.integers(lo, hi + 1)
+    cx = rng.integers(lo, hi + 1)
+    level = rng.uniform(0.3, 1.0, size=n)
+    w = max(1, size // 8)  # stroke width
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    dy = yy[None] - cy[:, None, None]  # (n, size, size)
+    dx = xx[None] - cx[:, None, None]
+    r3 = r[:, None, None]
+    ay, ax = np.abs(dy), np.abs(dx)
+    inside = np.maximum(ay, ax) <= r3
+    dot = 2 * w  # dot side
+    # Every class's mask for every sample is only 10 x n x size^2 booleans, and
+    # computing them all keeps the code free of per-class indexing.
+    masks = np.stack(
+        [
+            inside,
+            inside & (np.maximum(ay, ax) > r3 - w),
+            (ax <= r3) & (ay < w),
+            (ay <= r3) & (ax < w),
+            inside & ((ax < w) | (ay < w)),
+            inside & (np.abs(ax - ay) < w),
+            inside & (dy >= dx),
+            inside & (((dy + r3 < dot) & (dx + r3 < dot)) | ((r3 - dy < dot) & (r3 - dx < dot))),
+            inside & ((dx < -r3 + w) | (dy > r3 - w)),
+            inside & ((dy < -r3 + w) | (ax < w)),
+        ]
+    )
+    mask = masks[labels, np.arange(n)]
+    img = np.where(mask, level[:, None, None], -1.0).astype(np.float32)
+    return torch.from_numpy(img).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def random_shift(x: torch.Tensor, max_shift: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each image of (B, C, H, W) by up to ``max_shift`` pixels in each
+    direction, filling with the background value -1; returns (B, C, H, W)."""
+    b, c, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), value=-1.0)
+    oy, ox = torch.randint(0, 2 * p + 1, (2, b), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+class ShiftCollate:
+    """Collate function that randomly shifts the batch's images.
+
+    Uses the global torch RNG: seed_everything seeds it in the main process and
+    the DataLoader seeds each worker from its own generator, so a class (not a
+    closure) keeps it picklable for worker processes.
+    """
+
+    def __init__(self, max_shift: int = 1):
+        self.max_shift = max_shift
+
+    def __call__(self, items):
+        x, y = default_collate(items)
+        return random_shift(x, self.max_shift), y
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val loaders over ``digits`` or ``shapes``.
+
+    The split is a permutation from ``seed``: the last ``val_fraction`` goes to
+    val. ``train_fraction`` < 1 keeps the first part of the train split, so
+    smaller fractions are subsets of larger ones and val never changes.
+    """
+
+    def __init__(
+        self,
+        name: str = "digits",
+        batch_size: int = 128,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        train_fraction: float = 1.0,
+        augment: bool = False,
+        num_workers: int = 0,
+        shapes_n: int = 2000,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        if name not in DATA_NAMES:
+            raise DataError(f"unknown data name {name!r}; valid: {', '.join(DATA_NAMES)}")
+        if int(batch_size) < 1:
+            raise DataError(f"batch_size={batch_size} must be >= 1")
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction={val_fraction} must be in (0, 1)")
+        if not 0.0 < train_fraction <= 1.0:
+            raise DataError(f"train_fraction={train_fraction} must be in (0, 1]")
+        if int(num_workers) < 0:
+            raise DataError(f"num_workers={num_workers} must be >= 0")
+        if name == "shapes" and int(shapes_n) < 2:
+            raise DataError(f"shapes_n={shapes_n} must be >= 2 (one train and one val image)")
+        self.name = name
+        self.batch_size = int(batch_size)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.train_fraction = float(train_fraction)
+        self.augment = bool(augment)
+        self.num_workers = int(num_workers)
+        self.shapes_n = int(shapes_n)
+        self.drop_last = bool(drop_last)
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    # Constants rather than data-derived, so models can be sized before setup().
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def image_size(self) -> int:
+        return 8
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def load_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole data set: images (N, 1, 8, 8), labels (N,)."""
+        if self.name == "digits":
+            return load_digits_arrays()
+        # A fixed seed like digits' fixed files: ``seed`` only changes the split.
+        return make_shapes(self.shapes_n, seed=SHAPES_SEED)
+
+    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train and val indices into ``n`` items, deterministic in ``seed``."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = min(max(1, round(n * self.val_fraction)), n - 1)
+        train_idx, val_idx = perm[: n - n_val], perm[n - n_val :]
+        # perm is already random, so its first k are a random subset of the train split.
+        k = max(round(len(train_idx) * self.train_fraction), min(self.batch_size, len(train_idx)))
+        return train_idx[:k], val_idx
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = self.load_arrays()
+        train_idx, val_idx = self.split_indices(len(x))
+        self.train_set = TensorDataset(x[train_idx], y[train_idx])
+        self.val_set = TensorDataset(x[val_idx], y[val_idx])
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        # Dropping the only (partial) batch would leave an empty epoch.
+        drop = self.drop_last and len(self.train_set) >= self.batch_size
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=drop,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=ShiftCollate(1) if self.augment else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.val_set,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def build_datamodule(cfg) -> ImageDataModule:
+    """An ImageDataModule from any object with the constructor's argument names as
+    attributes (a DataCfg dataclass, an OmegaConf DictConfig); missing ones take
+    the constructor's defaults."""
+    params = inspect.signature(ImageDataModule.__init__).parameters
+    kwargs = {k: getattr(cfg, k, p.default) for k, p in params.items() if k != "self"}
+    return ImageDataModule(**kwargs)
