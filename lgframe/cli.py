@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole chain on digits: pretrain, learngene, descend, train vs scratch, report")
     s.add_argument("--out", default="lgframe_demo")
-    s.add_argument("--steps", type=int, default=600, help="ancestor training steps")
+    s.add_argument("--steps", type=int, default=800, help="ancestor training steps")
     s.add_argument("--descendant-steps", type=int, default=300, help="steps for each descendant and scratch model")
     s.set_defaults(func=cmd_demo)
     return p

@@ -33,7 +33,7 @@ def _fmt_steps(s: int | None) -> str:
     return "not reached" if s is None else str(s)
 
 
-def run_demo(out: Path, steps: int = 600, descendant_steps: int = 300, seed: int = 0) -> Path:
+def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0) -> Path:
     out = Path(out)
     t0 = time.time()
     common = [f"out_dir={out}", f"seed={seed}"]

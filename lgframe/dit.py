@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 
 @dataclass
-class DiTConfig:
+class TransformerConfig:
+    """Size of a DiT or ViT; `family` says which."""
+
     depth: int = 6
     width: int = 128
     heads: int = 4
@@ -33,6 +35,16 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        validate_width(self.width, self.heads, self.family.replace("dit", "DiT").replace("vit", "ViT"))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+
+
+@dataclass
+class DiTConfig(TransformerConfig):
+    family: str = "dit"
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -175,11 +187,7 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        validate_width(config.width, config.heads, "DiT")
-        if config.image_size % config.patch_size:
-            raise ValueError(
-                f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}"
-            )
+        config.validate()
         self.config = config
         c = config
         self.out_channels = c.in_channels

@@ -35,8 +35,13 @@ def _lookup(name: str) -> tuple[str, int, tuple[int, int, int]]:
             return fam, int(patch), sizes[base]
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
+    table = ", ".join(
+        f"{fam.upper().replace('DIT', 'DiT').replace('VIT', 'ViT')}-{{{','.join(b.split('-', 1)[1] for b in sizes)}}}"
+        f"/{{{','.join(map(str, patches))}}}"
+        for fam, (_, _, sizes, patches) in FAMILIES.items()
+    )
     raise LgframeError(
-        f"unknown model '{name}'.{hint} Valid names: {', '.join(model_names())}; "
+        f"unknown model '{name}'.{hint} Valid names: {table}; "
         "sizes can also be given explicitly with depth=, width=, heads=."
     )
 
@@ -73,21 +78,23 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return model_from_config(resolve_config(name, **overrides))
 
 
-def parse_size(spec: str | list[str], base: str) -> tuple[str, dict]:
-    """`--model` value: a table name ('DiT-Pico/2') or `depth=4 width=96 heads=3`
-    (applied over `base`, the ancestor's name). Returns (name, overrides)."""
+def parse_size(spec: str | list[str]) -> tuple[str | None, dict]:
+    """A `--model` value: a table name ('DiT-Pico/2') and/or `depth=4 width=96 heads=3`.
+    Returns (name or None, overrides)."""
     tokens = spec.split() if isinstance(spec, str) else list(spec)
-    name, overrides = base, {}
+    name, overrides = None, {}
     for tok in tokens:
         if "=" in tok:
             k, v = tok.split("=", 1)
-            if k not in ("depth", "width", "heads", "patch_size", "mlp_ratio"):
+            if k not in ("depth", "width", "heads"):
                 raise LgframeError(f"unknown size key '{k}' in --model; valid: depth, width, heads")
             try:
-                overrides[k] = float(v) if k == "mlp_ratio" else int(v)
+                overrides[k] = int(v)
             except ValueError:
-                raise LgframeError(f"--model {k}={v}: expected a number") from None
+                raise LgframeError(f"--model {k}={v}: expected an integer") from None
         else:
+            _lookup(tok)
             name = tok
-    _lookup(name)
+    if name is None and not overrides:
+        raise LgframeError("--model needs a size name (e.g. DiT-Pico/2) or depth=, width=, heads=")
     return name, overrides

@@ -74,7 +74,7 @@ class DiffusionCfg:
 
 @dataclass
 class SampleCfg:
-    n: int = 64
+    n: int = 100  # 10 per class for the 10-class data
     steps: int = 50
     guidance: float = 2.0
     scheduler: str = "ddim"  # ddim | ddpm

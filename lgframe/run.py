@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lgframe.constraint import attached_constraint, constraint_class, get_constraint
 from lgframe.data import build_datamodule
 from lgframe.errors import LgframeError
-from lgframe.io import atomic_path, load_model, read_safetensors, write_text
+from lgframe.io import atomic_path, load_model, read_safetensors, save_model, write_text
 from lgframe.learngene import Learngene, paths_for
 from lgframe.models import model_from_config, parse_size, resolve_config
 from lgframe.recipes import constraint_spec, to_plain
@@ -96,7 +96,8 @@ def build_model(cfg: DictConfig) -> tuple[nn.Module, str]:
         model = descend_model(lg, model_from_config(recipe_model_config(cfg)), opts.get("options", opts))
         return model, "random"
     model, _ = load_model(src)
-    return model, "random"
+    # A dense checkpoint under a recipe constraint is decomposed, not re-initialized.
+    return model, "dense"
 
 
 # ------------------------------------------------------------------ fit
@@ -129,13 +130,18 @@ def unique_dir(base: Path) -> Path:
 
 
 def read_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
+    """(optimizer steps done, value) rows of one metric in a run's metrics.csv.
+
+    Lightning logs a validation inside `fit` at the index of the last batch
+    (steps done - 1); the validation before `fit` is logged at 0 and means 0."""
     if not metrics_csv.is_file():
         return []
     out = {}
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
             if row.get(key):
-                out[int(row["step"])] = float(row[key])
+                step = int(row["step"])
+                out[step + 1 if key.startswith("val/") and step > 0 else step] = float(row[key])
     return sorted(out.items())
 
 
@@ -207,22 +213,19 @@ def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike) -> 
 
 
 def descend_file(learngene: str | os.PathLike, size: str | list[str], out: str | os.PathLike, options: dict | None = None) -> nn.Module:
-    """`lgframe descend`: a descendant model file of the given size from a learngene."""
+    """`lgframe descend`: a descendant model file of the given size from a learngene.
+    `size` is a table name and/or depth=/width=/heads= over the ancestor's size."""
     lg = Learngene.load(learngene)
+    name, overrides = parse_size(size)
     anc = lg.ancestor_config
-    base = f"{'DiT' if lg.family == 'dit' else 'ViT'}-Nano/{anc['patch_size']}"
-    name, overrides = parse_size(size, base)
-    if not any(t for t in (size if isinstance(size, list) else size.split()) if "=" not in t):
-        overrides = {k: anc[k] for k in ("depth", "width", "heads")} | overrides
-    cfg = resolve_config(name, **overrides)
-    for k in ("image_size", "in_channels", "num_classes", "patch_size", "mlp_ratio"):
-        if k not in overrides:
-            cfg[k] = anc[k]
-    if cfg["family"] != lg.family:
-        raise LgframeError(f"--model {name} is a {cfg['family']} size, the learngene comes from a {lg.family} model")
+    if name is None:
+        cfg = dict(anc) | overrides
+    else:
+        cfg = resolve_config(name, **overrides)
+        if cfg["family"] != lg.family:
+            raise LgframeError(f"--model {name} is a {cfg['family']} size, but the learngene comes from a {lg.family} model")
+        cfg.update({k: anc[k] for k in ("image_size", "in_channels", "num_classes")})
     model = descend_model(lg, model_from_config(cfg), options)
-    from lgframe.io import save_model
-
     save_model(model, out)
     return model
 
@@ -239,8 +242,7 @@ def load_task(checkpoint: str | os.PathLike, recipe: DictConfig | None = None) -
     else:  # a bare model file: default sampling and evaluation settings
         task = "diffusion" if model.config.family == "dit" else "classification"
         plain = to_plain(load_recipe(None, [f"task={task}", f"model.name={model.config.family.replace('dit', 'DiT').replace('vit', 'ViT')}-Nano/2"]))
-    if meta.get("constraint"):
-        plain["constraint"] = meta["constraint"]
+    plain["constraint"] = meta.get("constraint") or "scratch"  # what the weights carry
     return make_task(plain, model)
 
 

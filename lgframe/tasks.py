@@ -160,21 +160,21 @@ class ClassificationTask(LgTask):
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
 
-    @override
-    def training_step(self, batch, batch_idx):
+    def step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
-        self.train_acc(logits, y)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
-        return self.total_loss(F.cross_entropy(logits, y), "train")
+        acc = self.train_acc if stage == "train" else self.val_acc
+        acc(logits, y)
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=stage == "train", on_epoch=stage != "train")
+        return self.total_loss(F.cross_entropy(logits, y), stage)
+
+    @override
+    def training_step(self, batch, batch_idx):
+        return self.step(batch, "train")
 
     @override
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.model(x)
-        self.val_acc(logits, y)
-        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
-        self.total_loss(F.cross_entropy(logits, y), "val")
+        self.step(batch, "val")
 
 
 TASKS = {"diffusion": DiffusionTask, "classification": ClassificationTask}

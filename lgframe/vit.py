@@ -8,28 +8,17 @@ Shapes: images (B, C, H, W) -> logits (B, num_classes).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from lgframe.dit import Attention, Mlp, PatchEmbed, validate_width
+from lgframe.dit import Attention, Mlp, PatchEmbed, TransformerConfig
 
 
 @dataclass
-class ViTConfig:
-    depth: int = 6
-    width: int = 128
-    heads: int = 4
-    patch_size: int = 2
-    image_size: int = 8
-    in_channels: int = 1
-    num_classes: int = 10
-    mlp_ratio: float = 4.0
+class ViTConfig(TransformerConfig):
     family: str = "vit"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Block(nn.Module):
@@ -50,11 +39,7 @@ class ViT(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
-        validate_width(config.width, config.heads, "ViT")
-        if config.image_size % config.patch_size:
-            raise ValueError(
-                f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}"
-            )
+        config.validate()
         self.config = c = config
         self.patch_embed = PatchEmbed(c.patch_size, c.in_channels, c.width)
         n = (c.image_size // c.patch_size) ** 2

@@ -28,14 +28,15 @@ def test_size_table_names():
     assert resolve_config("DiT-S/4")["patch_size"] == 4
     assert resolve_config("ViT-Ti/16")["width"] == 192
     assert resolve_config("DiT-Nano/2", depth=3)["depth"] == 3
-    assert parse_size("depth=8 width=192 heads=6", "DiT-Nano/2") == ("DiT-Nano/2", {"depth": 8, "width": 192, "heads": 6})
+    assert parse_size("depth=8 width=192 heads=6") == (None, {"depth": 8, "width": 192, "heads": 6})
+    assert parse_size(["DiT-Pico/2", "depth=2"]) == ("DiT-Pico/2", {"depth": 2})
 
 
 def test_bad_sizes_name_valid_choices():
     with pytest.raises(LgframeError, match="not divisible by heads 5.*Valid head counts for width 64: \\[1, 2, 4"):
         create_model("DiT-Pico/2", heads=5)
     with pytest.raises(LgframeError, match="unknown size key 'depht'"):
-        parse_size("depht=3", "DiT-Nano/2")
+        parse_size("depht=3")
 
 
 def test_layout_on_lgframe_models():
