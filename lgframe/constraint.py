@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, model_dims, resample_depth, select_width, set_submodule
+from lgframe.layout import Dims, Layout, Role, dims_of, model_depth, model_dims, model_identity, resample_depth, select_width, set_submodule
 from lgframe.learngene import Learngene
 
 log = logging.getLogger("lgframe")
@@ -281,11 +281,21 @@ class Constraint(ABC):
         for role, d in self.scaler_stacks(model).items():
             for k, v in d.items():
                 tensors[f"scalers/{role}/{k}"] = v.clone()
-        role_names = set(roles)
+        tensors |= self.rest_tensors(model, layout, set(roles))
+        family, config = model_identity(model)
+        return Learngene(self.name, self.spec.options, family, config, roles, tensors)
+
+    def rest_tensors(self, model: nn.Module, layout: Layout, role_names: set[str]) -> dict[str, torch.Tensor]:
+        """`rest/<name>`: every parameter that is neither shared, nor a scaler, nor a role weight."""
+        out = {}
         for n, p in model.named_parameters():
-            if not n.startswith(BANK + ".") and not self._is_scaler(layout, n, role_names):
-                tensors[f"rest/{n}"] = p.detach().clone()
-        return Learngene(self.name, self.spec.options, model.config.family, model.config.to_dict(), roles, tensors)
+            split = layout.split_block_name(n)
+            if n.startswith(BANK + ".") or self._is_scaler(layout, n, role_names):
+                continue
+            if split is not None and split[1] in role_names:
+                continue
+            out[f"rest/{n}"] = p.detach().clone()
+        return out
 
     def _is_scaler(self, layout: Layout, name: str, role_names: set[str]) -> bool:
         split = layout.split_block_name(name)
@@ -298,23 +308,7 @@ class Constraint(ABC):
     def descend(self, learngene: Learngene, model: nn.Module) -> nn.Module:
         """Initialize `model` (a dense model of any supported size, fresh init)
         from `learngene`; the model leaves with this constraint attached."""
-        if learngene.constraint != self.name:
-            raise LgframeError(
-                f"learngene was made by constraint '{learngene.constraint}', not '{self.name}'"
-            )
-        if learngene.family != model.config.family:
-            raise LgframeError(
-                f"learngene comes from a '{learngene.family}' model and cannot initialize a '{model.config.family}' model"
-            )
-        if attached_constraint(model) is not None:
-            raise LgframeError("descend needs a plain (dense) model of the target size; this one already has a constraint")
-        layout = Layout(model)
-        src_dims = dims_of(learngene.ancestor_config)
-        dst_dims = model_dims(model)
-        self.options.roles = list(learngene.roles)
-        self.check_target(learngene, layout, src_dims, dst_dims)
-        if self.options.rest == "select":
-            inherit_free(learngene, model, layout, src_dims, dst_dims)
+        layout, src_dims, dst_dims = self.prepare_target(learngene, model)
         self.prepare_descend(learngene, layout, dst_dims)
         self.attach(model, layout, init="random")
         bank = getattr(model, BANK)
@@ -336,6 +330,32 @@ class Constraint(ABC):
             for p in bank.parameters():
                 p.requires_grad_(False)
         return model
+
+    def prepare_target(self, learngene: Learngene, model: nn.Module) -> tuple[Layout, Dims, Dims]:
+        """Checks shared by every descent, then the free parameters by the `rest` policy."""
+        if learngene.constraint != self.name:
+            raise LgframeError(
+                f"learngene was made by constraint '{learngene.constraint}', not '{self.name}'"
+            )
+        family = model_identity(model)[0]
+        if learngene.family != family:
+            raise LgframeError(
+                f"learngene comes from a '{learngene.family}' model and cannot initialize a '{family}' model"
+            )
+        if attached_constraint(model) is not None:
+            raise LgframeError("descend needs a plain (dense) model of the target size; this one already has a constraint")
+        layout = Layout(model)
+        src_dims = dims_of(learngene.ancestor_config)
+        dst_dims = model_dims(model)
+        self.options.roles = list(learngene.roles)
+        self.check_target(learngene, layout, src_dims, dst_dims)
+        if self.options.rest == "select":
+            self.descend_free(learngene, model, layout, src_dims, dst_dims)
+        return layout, src_dims, dst_dims
+
+    def descend_free(self, learngene: Learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims) -> None:
+        """Free parameters of the descendant from the ancestor's (`rest: select`)."""
+        inherit_free(learngene, model, layout, a, b)
 
     def check_target(self, learngene: Learngene, layout: Layout, a: Dims, b: Dims) -> None:
         """Raise LgframeError when the target size is not supported (before any training)."""
@@ -391,16 +411,12 @@ class Constraint(ABC):
         return groups
 
 
-def dims_of(cfg: dict) -> Dims:
-    return Dims(cfg["width"], cfg["heads"], int(cfg["width"] * cfg["mlp_ratio"]))
-
-
 def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims) -> None:
     """The `rest: select` policy: every free parameter of `model` is taken from
     the ancestor's, per-block ones interpolated over normalized depth, all of
     them by consistent width selection (new positions keep their fresh init)."""
     rest = learngene.group("rest")
-    src_depth = learngene.ancestor_config["depth"]
+    src_depth = model_depth(learngene.ancestor_config)
     src_layout_prefix = layout.blocks_path + "."
     role_names = set(learngene.roles)
     stacks: dict[str, torch.Tensor] = {}
@@ -422,3 +438,70 @@ def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims
             else:
                 continue
             p.copy_(select_width(src, p.detach(), a, b, name))
+
+
+class TransformConstraint(Constraint):
+    """A constraint that leaves training dense (FRONT, BoT, Weight Selection):
+    the learngene is a transform of each trained role stack (L, m, n), and a
+    descendant is a dense model of the target size. Subclasses implement
+    `encode` and `decode`; attach only records the constraint (so its
+    regularizer, if any, can run) and materialize removes the record."""
+
+    def attach(self, model: nn.Module, layout: Layout | None = None, init: str = "random") -> nn.Module:
+        current = attached_constraint(model)
+        if current is not None and current.name != self.name:
+            raise LgframeError(
+                f"model already carries constraint '{current.name}'; materialize it before attaching '{self.name}'"
+            )
+        layout = layout or Layout(model)
+        self.options.roles = [r.name for r in layout.select_roles(self.options.roles)]
+        setattr(model, SPEC_ATTR, self.spec.to_dict())
+        return model
+
+    def build(self, role, stack, init):  # never called: the weights stay dense
+        raise NotImplementedError
+
+    def descend_role(self, *args, **kwargs):  # never called: see decode
+        raise NotImplementedError
+
+    @abstractmethod
+    def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Learngene tensors of one role from its dense stack (L, m, n)."""
+
+    @abstractmethod
+    def decode(self, role: Role, src_shape: tuple[int, int, int], tensors: dict[str, torch.Tensor], a: Dims, b: Dims) -> torch.Tensor:
+        """The target role stack (L', m', n') = role.shape from the learngene tensors of that role."""
+
+    def learngene(self, model: nn.Module) -> Learngene:
+        layout = Layout(model)
+        roles = layout.select_roles(self.options.roles)
+        self.options.roles = [r.name for r in roles]
+        tensors = {}
+        for role in roles:
+            for k, v in self.encode(role, layout.stack(model, role).float()).items():
+                tensors[f"learngene/{role.name}/{k}"] = v.contiguous()
+        tensors |= self.rest_tensors(model, layout, {r.name for r in roles})
+        family, config = model_identity(model)
+        return Learngene(self.name, self.spec.options, family, config, {r.name: list(r.shape) for r in roles}, tensors)
+
+    def descend(self, learngene: Learngene, model: nn.Module) -> nn.Module:
+        layout, a, b = self.prepare_target(learngene, model)
+        shared = learngene.group("learngene")
+        with torch.no_grad():
+            for name, src_shape in learngene.roles.items():
+                role = layout.roles[name]
+                tensors = {k[len(name) + 1:]: v for k, v in shared.items() if k.startswith(name + "/")}
+                stack = self.decode(role, tuple(src_shape), tensors, a, b)
+                if tuple(stack.shape) != role.shape:
+                    raise RuntimeError(f"{self.name}.decode returned {tuple(stack.shape)} for role {name}, expected {role.shape}")
+                for layer, mod in enumerate(layout.role_modules(model, role)):
+                    mod.weight.copy_(stack[layer])
+        return model
+
+    def materialize(self, model: nn.Module) -> nn.Module:
+        if hasattr(model, SPEC_ATTR):
+            delattr(model, SPEC_ATTR)
+        return model
+
+    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        return {"learngene": [], "scalers": [], "free": list(model.parameters())}

@@ -58,14 +58,30 @@ class Dims:
         return self.width // self.heads
 
 
-def model_dims(model: nn.Module) -> Dims:
+def model_identity(model: nn.Module) -> tuple[str, dict]:
+    """(family, config dict) of an lgframe model or a diffusers DiTTransformer2DModel."""
     cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "width"):
-        return Dims(cfg.width, cfg.heads, int(cfg.width * cfg.mlp_ratio))
-    if cfg is not None and hasattr(cfg, "num_attention_heads"):  # diffusers DiTTransformer2DModel
-        width = cfg.num_attention_heads * cfg.attention_head_dim
-        return Dims(width, cfg.num_attention_heads, 4 * width)
-    raise LgframeError(f"cannot read width/heads from {type(model).__name__}: it has no lgframe or diffusers config")
+    if cfg is not None and hasattr(cfg, "to_dict") and hasattr(cfg, "family"):
+        return cfg.family, cfg.to_dict()
+    if cfg is not None and "num_attention_heads" in cfg:  # diffusers: a FrozenDict config
+        return f"diffusers:{type(model).__name__}", {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+    raise LgframeError(f"cannot read the size of {type(model).__name__}: it has no lgframe or diffusers config")
+
+
+def dims_of(cfg: dict) -> Dims:
+    """Width structure from a config dict (lgframe's or diffusers')."""
+    if "width" in cfg:
+        return Dims(cfg["width"], cfg["heads"], int(cfg["width"] * cfg["mlp_ratio"]))
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    return Dims(width, cfg["num_attention_heads"], 4 * width)
+
+
+def model_dims(model: nn.Module) -> Dims:
+    return dims_of(model_identity(model)[1])
+
+
+def model_depth(cfg: dict) -> int:
+    return cfg["depth"] if "depth" in cfg else cfg["num_layers"]
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
