@@ -89,7 +89,7 @@ def cmd_fit(args, learngene: bool) -> int:
 def cmd_learngene(args) -> int:
     from lgframe.run import extract_learngene
 
-    st, js = extract_learngene(args.checkpoint, args.out)
+    st, js = extract_learngene(args.checkpoint, args.out, args.constraint)
     manifest = json.loads(js.read_text())
     print(f"wrote {st} and {js}")
     print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in manifest["bytes"].items()))
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("learngene", help="extract the learngene of a trained checkpoint")
     s.add_argument("checkpoint", help=".ckpt or model .safetensors written by lgframe")
     s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside)")
+    s.add_argument("--constraint", default=None,
+                   help="decompose the checkpoint's dense weights with this constraint (default: the one it was trained with)")
     s.set_defaults(func=cmd_learngene)
 
     s = sub.add_parser("descend", help="initialize a model of another size from a learngene")

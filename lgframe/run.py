@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lgframe.constraint import attached_constraint, constraint_class, get_constraint
+from lgframe.constraint import attached_constraint, constraint_class, constraint_names, get_constraint
 from lgframe.data import build_datamodule
 from lgframe.errors import LgframeError
 from lgframe.io import atomic_path, load_model, read_safetensors, save_model, write_text
@@ -202,14 +202,24 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
 
 
 # ------------------------------------------------------------------ other stages
-def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike, constraint: str | dict | None = None) -> tuple[Path, Path]:
+    """The learngene of a checkpoint or model file. With `constraint`, the model's
+    dense weights are decomposed by that constraint first (any dense checkpoint
+    works, e.g. one trained with constraint=scratch)."""
     model, meta = load_model(checkpoint)
-    if meta.get("constraint") is None:
+    carried = meta.get("constraint")
+    if constraint is not None:
+        if carried is not None:
+            get_constraint(carried).materialize(model)
+        c = get_constraint(constraint)
+        c.attach(model, init="dense")
+        return c.learngene(model).save(out)
+    if carried is None:
         raise LgframeError(
-            f"'{checkpoint}' holds a dense model with no constraint, so it has no learngene; "
-            "pre-train under a constraint (e.g. constraint=svd)."
+            f"'{checkpoint}' holds a dense model with no constraint; name one to decompose it with, "
+            f"e.g. --constraint svd (registered: {', '.join(constraint_names())})."
         )
-    return get_constraint(meta["constraint"]).learngene(model).save(out)
+    return get_constraint(carried).learngene(model).save(out)
 
 
 def descend_file(learngene: str | os.PathLike, size: str | list[str], out: str | os.PathLike, options: dict | None = None) -> nn.Module:

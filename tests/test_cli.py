@@ -103,3 +103,20 @@ def test_help_and_list():
         assert cmd in r.stdout
     r = run_cli("list")
     assert r.returncode == 0 and "svd" in r.stdout and "DiT-Nano" in r.stdout and "dit_digits_pretrain" in r.stdout
+
+
+def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
+    import torch
+
+    from lgframe.io import save_model
+    from lgframe.models import create_model
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    save_model(create_model("DiT-Pico/2"), dense)
+    assert main(["learngene", str(dense), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "name one to decompose it with, e.g. --constraint svd" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert main(["learngene", str(dense), "--constraint", "svd", "--out", str(tmp_path / "lg.safetensors")]) == 0
+    manifest = json.loads((tmp_path / "lg.json").read_text())
+    assert manifest["constraint"]["name"] == "svd" and manifest["model"]["ancestor_config"]["depth"] == 4
