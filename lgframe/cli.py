@@ -72,8 +72,12 @@ def cmd_fit(args, learngene: bool) -> int:
     from lgframe.recipes import load_recipe
     from lgframe.run import fit
 
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     cfg = load_recipe(args.recipe, args.overrides)
     res = fit(cfg, extract_learngene=learngene)
+    if rank_zero_only.rank != 0:
+        return 0
     print(f"run directory: {res.run_dir}")
     print(f"validation loss: {res.initial_loss:.4f} at step 0 -> {res.final_loss:.4f} at step {res.curve[-1][0]}")
     if res.acc_curve:

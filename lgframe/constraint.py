@@ -104,7 +104,7 @@ class Bank(nn.Module):
         self.factors = nn.ModuleDict()
 
     def add(self, role: Role, **tensors: torch.Tensor) -> None:
-        self.factors[role.key] = nn.ParameterDict({k: nn.Parameter(v) for k, v in tensors.items()})
+        self.factors[role.key] = nn.ParameterDict({k: nn.Parameter(v.contiguous()) for k, v in tensors.items()})
 
     def of(self, mod: ConstrainedLinear) -> nn.ParameterDict:
         return self.factors[mod.role[: -len(".weight")].replace(".", "__")]
@@ -237,7 +237,7 @@ class Constraint(ABC):
             for layer, old in enumerate(layout.role_modules(model, role)):
                 new = ConstrainedLinear(role, layer, old.bias, bank)
                 for k, v in built[role.name].items():
-                    new.register_parameter(k, nn.Parameter(v[layer].clone()))
+                    new.register_parameter(k, nn.Parameter(v[layer].contiguous().clone()))
                 set_submodule(layout.blocks(model)[layer], role.module_path, new)
         self.options.roles = [r.name for r in roles]
         setattr(model, SPEC_ATTR, self.spec.to_dict())

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torch.utils.data import DistributedSampler, DataLoader, TensorDataset, default_collate
 
 from lgframe.errors import LgframeError
 
@@ -150,6 +150,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shapes_n: int = 2000,
         drop_last: bool = True,
+        shuffle: bool = True,
     ):
         super().__init__()
         if name not in DATA_NAMES:
@@ -173,6 +174,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.shapes_n = int(shapes_n)
         self.drop_last = bool(drop_last)
+        # Off where runs must be comparable across world sizes: Lightning's
+        # DistributedSampler then hands rank r the items r, r + W, ... in order.
+        self.shuffle = bool(shuffle)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -217,10 +221,15 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         # Dropping the only (partial) batch would leave an empty epoch.
         drop = self.drop_last and len(self.train_set) >= self.batch_size
+        sampler = None
+        if not self.shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's own DistributedSampler always shuffles; this one keeps order.
+            sampler = DistributedSampler(self.train_set, shuffle=False)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=self.shuffle,
+            sampler=sampler,
             drop_last=drop,
             generator=torch.Generator().manual_seed(self.seed),
             collate_fn=ShiftCollate(1) if self.augment else None,

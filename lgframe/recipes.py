@@ -39,6 +39,7 @@ class DataCfg:
     train_fraction: float = 1.0  # < 1: the limited-data setting
     augment: bool = False
     num_workers: int = 0
+    shuffle: bool = True  # false: the same global batches at any world size (equivalence checks)
 
 
 @dataclass

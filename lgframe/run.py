@@ -145,17 +145,62 @@ def read_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
     return sorted(out.items())
 
 
+def resolve_run_dir(base: Path, multi_process: bool) -> Path:
+    """The run directory: `base`, or `base-N` if it exists. Every process of a
+    multi-process run must agree: Lightning's DDP launcher re-runs the command
+    in child processes, which inherit LGFRAME_RUN_DIR from the launching one;
+    under torchrun/SLURM (WORLD_SIZE set for every rank) all use `base` as is."""
+    if not multi_process:
+        return unique_dir(base)
+    if "LGFRAME_RUN_DIR" in os.environ:
+        return Path(os.environ["LGFRAME_RUN_DIR"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return base
+    run_dir = unique_dir(base)
+    os.environ["LGFRAME_RUN_DIR"] = str(run_dir)
+    return run_dir
+
+
+def make_strategy(t) -> object:
+    """`trainer.strategy`: auto | ddp | fsdp (FSDP2 through ModelParallelStrategy,
+    which also runs on CPU with gloo) | any other Lightning strategy name."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
+    devices = int(t.devices) if str(t.devices).isdigit() else (torch.cuda.device_count() if gpu else 1)
+    # Pure data parallelism: every process holds a shard (tensor parallel size 1).
+    return ModelParallelStrategy(data_parallel_size=devices * t.num_nodes, tensor_parallel_size=1,
+                                 process_group_backend="nccl" if gpu else "gloo")
+
+
+def full_model(task: LgTask, sharded: bool) -> nn.Module:
+    """The task's model with full (unsharded) tensors; called on every rank."""
+    if not sharded:
+        return task.model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from lgframe.io import build_model as rebuild, model_meta
+
+    state = get_model_state_dict(task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return task.model  # full tensors land on rank 0 only
+    return rebuild(model_meta(task.model), state)
+
+
 def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None) -> RunResult:
     """Train the recipe's model; writes a run directory and returns its curves."""
     pl.seed_everything(cfg.seed, verbose=False)
-    run_dir = unique_dir(Path(run_dir or Path(cfg.out_dir) / cfg.name))
-    run_dir.mkdir(parents=True)
+    t = cfg.trainer
+    multi = t.strategy in ("ddp", "fsdp") or t.devices not in (1, "1") or t.num_nodes > 1
+    run_dir = resolve_run_dir(Path(run_dir or Path(cfg.out_dir) / cfg.name), multi)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     recipe = to_plain(cfg)
     model, mode = build_model(cfg)
     task = make_task(recipe, model, mode)
     dm = build_datamodule(cfg.data)
-    t = cfg.trainer
     ckpt_cb = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=True,
@@ -163,7 +208,10 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         every_n_train_steps=t.checkpoint_every or None,
     )
     callbacks: list = [ckpt_cb]
-    if cfg.ema.enabled:
+    sharded = t.strategy == "fsdp"
+    if cfg.ema.enabled and sharded:
+        warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models")
+    elif cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
     trainer = pl.Trainer(
         max_steps=t.max_steps,
@@ -171,7 +219,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every,
         accelerator=t.accelerator,
-        strategy=t.strategy,
+        strategy=make_strategy(t),
         devices=t.devices,
         num_nodes=t.num_nodes,
         precision=t.precision,
@@ -189,15 +237,17 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     metrics = run_dir / "metrics.csv"
     result.curve = read_curve(metrics, "val/loss")
     result.acc_curve = read_curve(metrics, "val/acc")
+    model = full_model(task, sharded)  # every rank takes part in the gather
     if trainer.is_global_zero:
         plot_curves({cfg.name: result.curve}, run_dir / "loss.png", "validation loss")
-        spec = attached_constraint(task.model)
+        spec = attached_constraint(model)
         if extract_learngene and spec is not None:
             result.learngene = paths_for(run_dir / "learngene.safetensors")[0]
-            get_constraint(spec.to_dict()).learngene(task.model).save(result.learngene)
+            get_constraint(spec.to_dict()).learngene(model).save(result.learngene)
         if isinstance(task, DiffusionTask):
             result.samples = run_dir / "samples.png"
-            save_sample_grid(task, result.samples, n=cfg.sample.n)
+            sampler = task if not sharded else make_task(recipe, model)
+            save_sample_grid(sampler, result.samples, n=cfg.sample.n)
     return result
 
 

@@ -1,10 +1,14 @@
 """LightningModules: DiffusionTask (DiT, noise prediction) and ClassificationTask (ViT).
 
 Both take a recipe (a plain dict) and a model. The constraint is attached in
-`configure_model()` (idempotent, before DDP/FSDP wrap the model); its
-regularizer joins the loss and its `param_groups` (learngene / scalers / free)
-become optimizer groups with their own learning rates. A descendant's phase 2
-(`init.unfreeze_at`) unfreezes the learngene at that step.
+`configure_model()` (idempotent, before DDP/FSDP wrap the model); under
+FSDP2 (`ModelParallelStrategy`) the same hook then shards every block and
+last the root, which owns the shared learngene bank, so the bank's gradients
+are reduced once. The regularizer joins the loss and `param_groups`
+(learngene / scalers / free) become optimizer groups with their own learning
+rates. A descendant's phase 2 (`init.unfreeze_at`) is a learning-rate switch
+of the learngene group from 0, not a `requires_grad` flip: DDP and FSDP fix
+the set of trainable parameters when they wrap the model.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lgframe.constraint import BANK, attached_constraint, get_constraint
+from lgframe.constraint import attached_constraint, get_constraint
 from lgframe.io import model_meta
 
 
@@ -36,7 +39,25 @@ class LgTask(pl.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        self.constraint.attach(self.model, init=self.init_mode)
+        # A generator of its own: Lightning re-seeds the global one at a point that
+        # depends on the strategy, and 1 and 2 processes must start from one init.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe["seed"])
+            self.constraint.attach(self.model, init=self.init_mode)
+        if self.recipe["init"]["unfreeze_at"] >= 0:
+            for p in self.constraint.param_groups(self.model)["learngene"]:
+                p.requires_grad_(True)  # trained from `unfreeze_at` on; lr 0 before (configure_optimizers)
+        mesh = self.device_mesh
+        if mesh is not None and not getattr(self.model, "_lg_sharded", False):
+            from torch.distributed.fsdp import fully_shard
+
+            dp = mesh["data_parallel"]
+            from lgframe.layout import Layout
+
+            for block in Layout(self.model).blocks(self.model):
+                fully_shard(block, mesh=dp)
+            fully_shard(self.model, mesh=dp)  # the root unit: bank, embeddings, head
+            self.model._lg_sharded = True
 
     # -- optimization -------------------------------------------------------
     @override
@@ -44,26 +65,27 @@ class LgTask(pl.LightningModule):
         o = self.recipe["optim"]
         groups = self.constraint.param_groups(self.model)
         lrs = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
+        names = [name for name, ps in groups.items() if any(p.requires_grad for p in ps)]
         param_groups = [
-            {"params": ps, "lr": lrs[name] or o["lr"], "name": name} for name, ps in groups.items() if ps
+            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] or o["lr"], "name": n} for n in names
         ]
         opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
-        warm = o["warmup_steps"]
-        if not warm:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        warm, at = o["warmup_steps"], self.recipe["init"]["unfreeze_at"]
+
+        def factor(name):
+            def f(step):
+                if name == "learngene" and step < at:
+                    return 0.0  # phase 1: the learngene is frozen by a zero learning rate
+                return min(1.0, (step + 1) / warm) if warm else 1.0
+
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(n) for n in names])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        at = self.recipe["init"]["unfreeze_at"]
-        if at >= 0 and self.global_step == at and hasattr(self.model, BANK):
-            for p in getattr(self.model, BANK).parameters():
-                p.requires_grad_(True)
-            rank_zero_info(f"step {at}: learngene unfrozen (phase 2: all parameters train)")
-
     def total_loss(self, task_loss: torch.Tensor, stage: str) -> torch.Tensor:
-        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=stage == "train", on_epoch=stage != "train")
+        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=stage == "train", on_epoch=stage != "train",
+                 sync_dist=stage != "train")
         reg = self.constraint.regularizer(self.model) if stage == "train" else None
         if reg is None:
             return task_loss
@@ -165,7 +187,7 @@ class ClassificationTask(LgTask):
         logits = self.model(x)
         acc = self.train_acc if stage == "train" else self.val_acc
         acc(logits, y)
-        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=stage == "train", on_epoch=stage != "train")
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=stage == "train", on_epoch=stage != "train")  # torchmetrics syncs itself
         return self.total_loss(F.cross_entropy(logits, y), stage)
 
     @override
