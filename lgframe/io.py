@@ -88,6 +88,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
 
 
+def load_distributed_checkpoint(path: Path) -> dict:
+    """A distributed-checkpoint folder (written under trainer.strategy=fsdp) as one
+    checkpoint dict: Lightning's meta.pt plus the consolidated tensors."""
+    if not (path / "meta.pt").is_file() or not (path / ".metadata").is_file():
+        raise LgframeError(f"'{path}' is a directory but not a distributed checkpoint (no .metadata / meta.pt).")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = load_checkpoint(path / "meta.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        ckpt |= load_checkpoint(Path(tmp) / "full.pt")
+    return ckpt
+
+
 # ------------------------------------------------------------------ model state
 def model_meta(model: nn.Module) -> dict:
     """What is needed to rebuild `model`: its config, its constraint, frozen params."""
@@ -141,7 +155,10 @@ def load_model(path: str | os.PathLike, ema: bool = True) -> tuple[nn.Module, di
             )
         meta = json.loads(raw["lgframe"])
         return build_model(meta, tensors), meta
-    ckpt = load_checkpoint(p)
+    if p.is_dir():
+        ckpt = load_distributed_checkpoint(p)
+    else:
+        ckpt = load_checkpoint(p)
     if "lgframe" not in ckpt:
         raise LgframeError(f"checkpoint '{p}' was not written by lgframe (no 'lgframe' entry).")
     meta = dict(ckpt["lgframe"])

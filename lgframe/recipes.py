@@ -28,6 +28,10 @@ class ModelCfg:
     depth: Optional[int] = None  # overrides of the size table
     width: Optional[int] = None
     heads: Optional[int] = None
+    # Input geometry and classes; None = taken from the data (8x8x1, 10 classes for digits).
+    image_size: Optional[int] = None
+    in_channels: Optional[int] = None
+    num_classes: Optional[int] = None
 
 
 @dataclass
@@ -44,6 +48,7 @@ class DataCfg:
 
 @dataclass
 class OptimCfg:
+    name: str = "adamw"  # adamw | sgd (momentum 0.9)
     lr: float = 1e-3
     weight_decay: float = 0.0
     learngene_lr: Optional[float] = None  # None: same as lr
@@ -105,6 +110,9 @@ class Recipe:
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
+    # Continue a run: "auto" (the run directory's checkpoints/last.ckpt) or a checkpoint
+    # path (.ckpt file, or the folder a trainer.strategy=fsdp run writes); any world size.
+    resume: Optional[str] = None
     constraint: Any = "svd"  # a name, or {name: ..., option: value}
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -209,6 +217,8 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise LgframeError(f"recipe model: {e}") from None
     get_constraint(constraint_spec(cfg))  # unknown name / option fails here, before training
+    if cfg.optim.name not in ("adamw", "sgd"):
+        raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
     if cfg.sample.scheduler not in ("ddim", "ddpm"):
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm")
     if cfg.data.name not in ("digits", "shapes"):

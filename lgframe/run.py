@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lgframe.constraint import attached_constraint, constraint_class, constraint_names, get_constraint
@@ -69,11 +70,21 @@ def descend_model(learngene: Learngene, model: nn.Module, options: dict | None =
     return constraint_class(learngene.constraint)(**opts).descend(learngene, model)
 
 
-def recipe_model_config(cfg: DictConfig) -> dict:
+def recipe_model_config(cfg: DictConfig, check_data: bool = True) -> dict:
+    """The model config a recipe describes: the size table, overrides, and the input
+    geometry of the data (or of `model.image_size/in_channels/num_classes`)."""
     m = cfg.model
     mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
     dm = build_datamodule(cfg.data)
-    mc.update(image_size=dm.image_size, in_channels=dm.channels, num_classes=dm.num_classes)
+    data = {"image_size": dm.image_size, "in_channels": dm.channels, "num_classes": dm.num_classes}
+    for k, v in data.items():
+        given = m[k]
+        if given is not None and check_data and given != v:
+            raise LgframeError(
+                f"model.{k}={given} does not match data '{cfg.data.name}' ({k} {v}); "
+                f"unset model.{k} or use data with {k} {given}."
+            )
+        mc[k] = v if given is None else given
     return mc
 
 
@@ -129,19 +140,19 @@ def unique_dir(base: Path) -> Path:
     return base.parent / f"{base.name}-{i}"
 
 
-def read_curve(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
-    """(optimizer steps done, value) rows of one metric in a run's metrics.csv.
-
-    Lightning logs a validation inside `fit` at the index of the last batch
-    (steps done - 1); the validation before `fit` is logged at 0 and means 0."""
-    if not metrics_csv.is_file():
-        return []
+def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(optimizer steps done, value) of one metric over a run's metrics files
+    (metrics.csv, plus the ones set aside by each resume)."""
     out = {}
-    with open(metrics_csv) as f:
-        for row in csv.DictReader(f):
-            if row.get(key):
-                step = int(row["step"])
-                out[step + 1 if key.startswith("val/") and step > 0 else step] = float(row[key])
+    files = sorted(run_dir.glob("metrics.before-resume-*.csv"), key=lambda f: f.stat().st_mtime)
+    for path in files + [run_dir / "metrics.csv"]:
+        if not path.is_file():
+            continue
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    steps = row.get("steps") if key.startswith("val/") else None
+                    out[int(float(steps)) if steps else int(row["step"])] = float(row[key])
     return sorted(out.items())
 
 
@@ -159,6 +170,19 @@ def resolve_run_dir(base: Path, multi_process: bool) -> Path:
     run_dir = unique_dir(base)
     os.environ["LGFRAME_RUN_DIR"] = str(run_dir)
     return run_dir
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint `resume=` names: 'auto' is the run directory's last.ckpt."""
+    if not resume:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(resume)
+    if not path.exists():
+        raise LgframeError(
+            f"resume={resume}: no checkpoint at '{path}'. Give resume=PATH to a .ckpt (or an fsdp checkpoint "
+            "folder), or leave resume unset to start a new run."
+        )
+    return path
 
 
 def make_strategy(t) -> object:
@@ -194,9 +218,18 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     pl.seed_everything(cfg.seed, verbose=False)
     t = cfg.trainer
     multi = t.strategy in ("ddp", "fsdp") or t.devices not in (1, "1") or t.num_nodes > 1
-    run_dir = resolve_run_dir(Path(run_dir or Path(cfg.out_dir) / cfg.name), multi)
+    base = Path(run_dir or Path(cfg.out_dir) / cfg.name)
+    resume = resume_checkpoint(cfg.resume, base)
+    if resume is not None:
+        run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resolve_run_dir(base, multi)
+    else:
+        run_dir = resolve_run_dir(base, multi)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    metrics = run_dir / "metrics.csv"
+    if resume is not None and metrics.is_file() and rank_zero_only.rank == 0:
+        # Lightning's CSV logger would start the file afresh: keep the history.
+        os.replace(metrics, run_dir / f"metrics.before-resume-{len(list(run_dir.glob('metrics.before-resume-*')))}.csv")
     recipe = to_plain(cfg)
     model, mode = build_model(cfg)
     task = make_task(recipe, model, mode)
@@ -231,12 +264,12 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
     )
-    trainer.validate(task, datamodule=dm, verbose=False)  # the step-0 loss
-    trainer.fit(task, datamodule=dm)
+    if resume is None:
+        trainer.validate(task, datamodule=dm, verbose=False)  # the step-0 loss
+    trainer.fit(task, datamodule=dm, ckpt_path=resume)
     result = RunResult(run_dir, Path(ckpt_cb.last_model_path), task=task)
-    metrics = run_dir / "metrics.csv"
-    result.curve = read_curve(metrics, "val/loss")
-    result.acc_curve = read_curve(metrics, "val/acc")
+    result.curve = read_curve(run_dir, "val/loss")
+    result.acc_curve = read_curve(run_dir, "val/acc")
     model = full_model(task, sharded)  # every rank takes part in the gather
     if trainer.is_global_zero:
         plot_curves({cfg.name: result.curve}, run_dir / "loss.png", "validation loss")

@@ -69,7 +69,10 @@ class LgTask(pl.LightningModule):
         param_groups = [
             {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] or o["lr"], "name": n} for n in names
         ]
-        opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["name"] == "sgd":
+            opt = torch.optim.SGD(param_groups, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
         warm, at = o["warmup_steps"], self.recipe["init"]["unfreeze_at"]
 
         def factor(name):
@@ -82,6 +85,12 @@ class LgTask(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(n) for n in names])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        # Optimizer steps done, as a metric: Lightning's own `step` column counts
+        # differently inside and outside `fit` and across a resume.
+        self.log("steps", float(self.global_step), sync_dist=False, rank_zero_only=True)
 
     def total_loss(self, task_loss: torch.Tensor, stage: str) -> torch.Tensor:
         self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=stage == "train", on_epoch=stage != "train",

@@ -1,0 +1,146 @@
+"""DDP and FSDP2 on CPU (gloo), two processes started as subprocesses of the CLI.
+
+Equivalence: 2 processes at per-process batch B/2 against 1 process at batch
+B, the same seed, init and global batches (data.shuffle=false), with SGD: its
+update is linear in the gradient, so the runs agree to float noise. (AdamW's
+first steps are ~lr * sign(g) and turn gradient elements at the noise floor
+into +-lr steps: the resume test, which uses it, compares losses to 1e-3.)
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lgframe.learngene import Learngene
+from lgframe.recipes import load_recipe
+from lgframe.run import extract_learngene, fit, read_curve
+
+# 4 steps of 64 items = one epoch (train_fraction 0.178 of the 1437-item split), so a
+# resume at step 4 starts a fresh epoch at any world size.
+COMMON = ["trainer.val_every=4", "ema.enabled=false", "data.shuffle=false", "data.augment=false", "model.name=ViT-Pico/2",
+          "trainer.accelerator=cpu", "trainer.progress=false", "data.train_fraction=0.178"]
+TWO = ["data.batch_size=32", "trainer.devices=2"]
+SGD = ["optim.name=sgd", "optim.lr=0.05", "optim.warmup_steps=0"]
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LGFRAME_RUN_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "lgframe.cli", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def one_process(out, name, constraint, steps, *extra):
+    torch.set_num_threads(1)
+    try:
+        cfg = load_recipe("vit_digits_pretrain", [f"out_dir={out}", f"name={name}", f"constraint={constraint}",
+                                                  f"trainer.max_steps={steps}", "data.batch_size=64", *COMMON, *extra])
+        return fit(cfg)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+    return (num / sum((a[k] ** 2).sum() for k in a) ** 0.5).item()
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    return out, {c: one_process(out, f"one_{c}", c, 4, *SGD) for c in ("svd", "scratch")}
+
+
+@pytest.mark.parametrize("constraint", ["svd", "scratch"])
+def test_ddp_two_processes_match_one(reference, constraint):
+    out, ref = reference
+    cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", f"name=ddp_{constraint}", f"constraint={constraint}",
+        "trainer.max_steps=4", "trainer.strategy=ddp", *TWO, *COMMON, *SGD, cwd=out)
+    curve = read_curve(out / f"ddp_{constraint}", "val/loss")
+    ref_curve = ref[constraint].curve
+    assert [s for s, _ in curve] == [s for s, _ in ref_curve] == [0, 4]
+    assert abs(curve[0][1] - ref_curve[0][1]) < 1e-4  # one init at any world size
+    assert abs(ref_curve[-1][1] - ref_curve[0][1]) > 1e-2  # it trained
+    # validation: the DistributedSampler pads 359 items to 360 (one counted twice)
+    assert abs(curve[-1][1] - ref_curve[-1][1]) < 1e-3
+    assert rel_diff(weights(out / f"ddp_{constraint}/checkpoints/last.ckpt"), weights(ref[constraint].checkpoint)) < 1e-5
+    if constraint == "svd":  # the shared bank is one tensor per role, reduced once
+        sd = weights(out / "ddp_svd/checkpoints/last.ckpt")
+        assert sum(k.startswith("model.lg_bank.") for k in sd) == 8
+
+
+def test_fsdp_two_processes_train_save_and_extract(reference):
+    out, ref = reference
+    cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", "name=fsdp", "constraint=svd", "trainer.max_steps=4",
+        "trainer.strategy=fsdp", *TWO, *COMMON, *SGD, cwd=out)
+    run = out / "fsdp"
+    ckpt = run / "checkpoints/last.ckpt"
+    assert ckpt.is_dir() and (ckpt / ".metadata").is_file()  # a distributed checkpoint
+    curve = read_curve(run, "val/loss")
+    assert abs(curve[-1][1] - ref["svd"].curve[-1][1]) < 1e-3
+    # learngene gathered at the end of the sharded run == extracted from the sharded checkpoint
+    st, _ = extract_learngene(ckpt, out / "from_dcp.safetensors")
+    a, b = Learngene.load(run / "learngene.safetensors"), Learngene.load(st)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    # ... and matches the unsharded run's learngene
+    ref_lg = Learngene.load(ref["svd"].learngene)
+    assert rel_diff(a.group("learngene"), ref_lg.group("learngene")) < 1e-5
+
+
+def test_resume_across_world_sizes(reference):
+    out, _ = reference
+    straight = one_process(out, "straight", "svd", 8)
+    # 2 -> 1: DDP for 4 steps, then resume=auto on one process to step 8
+    cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", "name=two_one", "constraint=svd", "trainer.max_steps=4",
+        "trainer.strategy=ddp", *TWO, *COMMON, cwd=out)
+    resumed = one_process(out, "two_one", "svd", 8, "resume=auto")
+    assert [s for s, _ in resumed.curve] == [0, 4, 8]
+    assert abs(resumed.final_loss - straight.final_loss) < 1e-3
+    # 1 -> 2: one process for 4 steps, then DDP on two processes to step 8
+    one_process(out, "one_two", "svd", 4)
+    cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", "name=one_two", "constraint=svd", "trainer.max_steps=8",
+        "trainer.strategy=ddp", "resume=auto", *TWO, *COMMON, cwd=out)
+    curve = read_curve(out / "one_two", "val/loss")
+    assert [s for s, _ in curve] == [0, 4, 8]
+    assert abs(curve[-1][1] - straight.final_loss) < 1e-3
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    from lgframe.errors import LgframeError
+
+    cfg = load_recipe("vit_digits_pretrain", [f"out_dir={tmp_path}", "name=none", "resume=auto"])
+    with pytest.raises(LgframeError, match="resume=auto: no checkpoint at .*leave resume unset"):
+        fit(cfg)
+
+
+def test_dit_xl_fsdp_recipe_builds_on_the_meta_device():
+    from lgframe.models import model_from_config
+    from lgframe.run import make_strategy, recipe_model_config
+
+    cfg = load_recipe("dit_xl_pretrain_fsdp")
+    assert cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "bf16-mixed"
+    mc = recipe_model_config(cfg, check_data=False)
+    assert (mc["depth"], mc["width"], mc["heads"], mc["image_size"], mc["in_channels"]) == (28, 1152, 16, 32, 4)
+    from lgframe.constraint import get_constraint
+
+    with torch.device("meta"):
+        model = model_from_config(mc)
+        dense = sum(p.numel() for p in model.parameters())
+        get_constraint("svd").attach(model)
+    n = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    assert 670e6 < dense < 680e6  # DiT-XL/2: 675M parameters
+    assert n < 0.4 * dense  # svd: U, V shared by the 28 blocks, sigma per block
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    assert isinstance(make_strategy(cfg.trainer), ModelParallelStrategy)
