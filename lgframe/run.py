@@ -160,13 +160,13 @@ def resolve_run_dir(base: Path, multi_process: bool) -> Path:
     """The run directory: `base`, or `base-N` if it exists. Every process of a
     multi-process run must agree: Lightning's DDP launcher re-runs the command
     in child processes, which inherit LGFRAME_RUN_DIR from the launching one;
-    under torchrun/SLURM (WORLD_SIZE set for every rank) all use `base` as is."""
+    under torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS) all use `base` as is."""
     if not multi_process:
         return unique_dir(base)
     if "LGFRAME_RUN_DIR" in os.environ:
         return Path(os.environ["LGFRAME_RUN_DIR"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return base
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return base  # torchrun / SLURM started every rank: no launcher to agree with
     run_dir = unique_dir(base)
     os.environ["LGFRAME_RUN_DIR"] = str(run_dir)
     return run_dir
