@@ -1,7 +1,8 @@
 """`lgframe` command line. Each stage is a subcommand; `lgframe COMMAND --help` documents it.
 
-Errors a user can act on (LgframeError) print as one paragraph and exit 2,
-without a traceback.
+Exit status: 0 success; 1 an error (LgframeError: what was wrong and what is
+valid, as one paragraph; anything else: its type and message); 2 a usage error
+(argparse). The full traceback is printed only with --debug.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log lgframe's decisions (e.g. svd fit errors)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("list", help="registered constraints, model sizes and shipped recipes")
@@ -236,12 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except LgframeError as e:
-        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, LgframeError):
+            message = str(e)
+        elif isinstance(e, OSError) and e.filename:
+            message = f"{e.strerror}: {e.filename}"
+        else:
+            message = f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+        print(textwrap.fill(f"error: {message}", width=100), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, DataLoader, TensorDataset, default_collate
+from torch.utils.data import DistributedSampler, Sampler, DataLoader, TensorDataset, default_collate
 
 from lgframe.errors import LgframeError
 
@@ -131,6 +131,25 @@ class ShiftCollate:
         return random_shift(x, self.max_shift), y
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffle whose permutation is a function of (seed, epoch): a run resumed
+    from a checkpoint sees the same order as one that never stopped (Lightning
+    calls `set_epoch`; a DataLoader generator would restart from epoch 0)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Train/val loaders over ``digits`` or ``shapes``.
 
@@ -221,16 +240,22 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         # Dropping the only (partial) batch would leave an empty epoch.
         drop = self.drop_last and len(self.train_set) >= self.batch_size
-        sampler = None
-        if not self.shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.shuffle:
+            # Under DDP Lightning swaps this for a (seeded, epoch-aware) DistributedSampler.
+            sampler = EpochSampler(len(self.train_set), self.seed)
+        elif distributed:
             # Lightning's own DistributedSampler always shuffles; this one keeps order.
             sampler = DistributedSampler(self.train_set, shuffle=False)
+        else:
+            sampler = None
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
             sampler=sampler,
             drop_last=drop,
+            # Own generators: creating an iterator must not draw from the global one,
+            # which resumed runs restore to continue the same noise stream.
             generator=torch.Generator().manual_seed(self.seed),
             collate_fn=ShiftCollate(1) if self.augment else None,
             num_workers=self.num_workers,
@@ -244,6 +269,7 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

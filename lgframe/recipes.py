@@ -69,6 +69,7 @@ class TrainerCfg:
     precision: str = "32-true"
     progress: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    nan_skip: int = 0  # non-finite gradient steps to skip before stopping the run
 
 
 @dataclass

@@ -23,7 +23,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lgframe.constraint import attached_constraint, get_constraint
+from lgframe.constraint import attached_constraint, get_constraint, log
+from lgframe.errors import LgframeError
 from lgframe.io import model_meta
 
 
@@ -87,6 +88,31 @@ class LgTask(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The NaN/Inf guard. Gradients are checked after DDP/FSDP reduced them, so
+        every rank takes the same decision; a skipped step leaves the weights and
+        the optimizer state untouched (optimizers skip parameters without grad)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        if all(torch.isfinite(p.grad).all() for p in params):
+            return
+        self._bad_steps = getattr(self, "_bad_steps", 0) + 1
+        budget = self.recipe["trainer"]["nan_skip"]
+        if self._bad_steps <= budget:
+            log.warning("step %d: non-finite gradient, step skipped (%d of trainer.nan_skip=%d)",
+                        self.global_step, self._bad_steps, budget)
+            for p in params:
+                p.grad = None
+            return
+        o, spec = self.recipe["optim"], attached_constraint(self.model)
+        rank = f", constraint options {spec.options.get('rank')}" if spec and "rank" in spec.options else ""
+        raise LgframeError(
+            f"non-finite loss or gradient at step {self.global_step}: the run stopped and saved nothing from this "
+            f"step; the last good checkpoint is kept. Likely causes: a learning rate too high (optim.lr={o['lr']}, "
+            f"scaler_lr={o['scaler_lr']}) or a constraint rank too small for this model{rank}. Lower the rate, "
+            f"add optim.warmup_steps, or set trainer.nan_skip=N to skip up to N bad steps."
+        )
+
+    @override
     def on_validation_epoch_end(self) -> None:
         # Optimizer steps done, as a metric: Lightning's own `step` column counts
         # differently inside and outside `fit` and across a resume.
@@ -104,6 +130,19 @@ class LgTask(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lgframe"] = model_meta(self.model)
+        # The global generator draws the diffusion noise, timesteps, label dropout and
+        # augmentation: restoring it makes a resumed run continue the same stream.
+        checkpoint["lgframe_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["lgframe_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("lgframe_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class DiffusionTask(LgTask):

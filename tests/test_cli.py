@@ -80,7 +80,7 @@ def run_cli(*args):
 )
 def test_bad_input_is_one_paragraph_without_traceback(args, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lgframe.cli", *args], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert message in r.stderr.replace("\n", " ")
     assert "Traceback" not in r.stderr
     assert list(Path(tmp_path).iterdir()) == []  # nothing written
@@ -89,11 +89,11 @@ def test_bad_input_is_one_paragraph_without_traceback(args, message, tmp_path):
 def test_wrong_family_and_constraint_learngene(pretrained, tmp_path):
     lg = pretrained / "learngene.safetensors"
     r = run_cli("train", "vit_digits_descend", f"init.source={lg}", f"out_dir={tmp_path}")
-    assert r.returncode == 2 and "cannot initialize a 'vit' model" in r.stderr.replace("\n", " ")
+    assert r.returncode == 1 and "cannot initialize a 'vit' model" in r.stderr.replace("\n", " ")
     r = run_cli("train", "dit_digits_descend", f"init.source={lg}", "constraint=scratch", f"out_dir={tmp_path}")
-    assert r.returncode == 2 and "set constraint=svd" in r.stderr.replace("\n", " ")
+    assert r.returncode == 1 and "set constraint=svd" in r.stderr.replace("\n", " ")
     r = run_cli("descend", str(lg), "--model", "depth=3", "width=64", "heads=5", "--out", str(tmp_path / "x.safetensors"))
-    assert r.returncode == 2 and "not divisible by heads 5" in r.stderr.replace("\n", " ")
+    assert r.returncode == 1 and "not divisible by heads 5" in r.stderr.replace("\n", " ")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -114,7 +114,7 @@ def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
     torch.manual_seed(0)
     dense = tmp_path / "dense.safetensors"
     save_model(create_model("DiT-Pico/2"), dense)
-    assert main(["learngene", str(dense), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["learngene", str(dense), "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "name one to decompose it with, e.g. --constraint svd" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x.safetensors").exists()
     assert main(["learngene", str(dense), "--constraint", "svd", "--out", str(tmp_path / "lg.safetensors")]) == 0

@@ -68,3 +68,46 @@ def test_vit_accuracy_rises(tmp_path):
     res = fit(cfg)
     assert res.acc_curve[0][1] < 0.3 and res.acc_curve[-1][1] > 0.6
     assert res.final_loss < 0.6 * res.initial_loss
+
+
+def nan_at(monkeypatch, steps):
+    """Make the DiT return NaN on the given training forward calls."""
+    from lgframe.dit import DiT
+
+    calls = {"n": 0}
+    forward = DiT.forward
+
+    def patched(self, x, t, y):
+        out = forward(self, x, t, y)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(DiT, "forward", patched)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from lgframe.errors import LgframeError
+
+    nan_at(monkeypatch, {4})
+    cfg = load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=nan", "model.name=DiT-Pico/2",
+                                              "trainer.max_steps=6", "trainer.val_every=3", "trainer.checkpoint_every=2",
+                                              *QUIET])
+    with pytest.raises(LgframeError, match="non-finite loss or gradient at step 3.*optim.lr=0.001.*trainer.nan_skip"):
+        fit(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "nan/checkpoints").iterdir())
+    assert ckpts == ["last.ckpt"]
+    saved = torch.load(tmp_path / "nan/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_nan_guard_skips_a_bounded_number_of_steps(tmp_path, monkeypatch):
+    nan_at(monkeypatch, {2, 4})
+    cfg = load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=skip", "model.name=DiT-Pico/2",
+                                              "trainer.max_steps=6", "trainer.val_every=6", "trainer.nan_skip=2", *QUIET])
+    res = fit(cfg)
+    assert all(torch.isfinite(p).all() for p in res.task.model.parameters())
+    assert res.curve[-1][0] == 6 and res.final_loss < res.initial_loss
