@@ -29,7 +29,7 @@ def test_constraint_is_one_line_to_swap():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lrr=1", "unknown recipe key 'optim.lrr'.*Did you mean 'optim.lr'.*Valid keys in optim: lr,"),
+        ("optim.lrr=1", "unknown recipe key 'optim.lrr'.*Did you mean 'optim.lr'.*Valid keys in optim: name, lr,"),
         ("trainr.max_steps=3", "unknown recipe key 'trainr'.*Did you mean 'trainer'"),
         ("trainer.max_steps=many", "recipe key 'trainer.max_steps'.*could not be converted to Integer"),
         ("constraint=svdd", "unknown constraint 'svdd'. Did you mean 'svd'\\?.*Registered constraints: scratch, svd"),
