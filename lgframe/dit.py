@@ -37,6 +37,9 @@ class TransformerConfig:
         return asdict(self)
 
     def validate(self) -> None:
+        for key in ("depth", "width", "heads", "patch_size", "image_size", "in_channels", "num_classes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be a positive integer")
         validate_width(self.width, self.heads, self.family.replace("dit", "DiT").replace("vit", "ViT"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")

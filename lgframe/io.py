@@ -125,7 +125,10 @@ def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.
     if meta.get("constraint"):
         get_constraint(meta["constraint"]).attach(model, init="random")
     if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise LgframeError(f"weights do not fit the model described by their config: {str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise LgframeError(
                 f"weights do not fit the model described by their config: missing {missing[:5]}, "

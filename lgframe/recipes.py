@@ -211,10 +211,10 @@ def validate(cfg: DictConfig) -> None:
     mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
     if mc["family"] != family:
         raise LgframeError(f"task '{cfg.task}' needs a {family.upper()} model, but model.name is '{m.name}'")
-    from lgframe.dit import validate_width
+    from lgframe.models import FAMILIES
 
     try:
-        validate_width(mc["width"], mc["heads"], m.name)
+        FAMILIES[family][1](**mc).validate()
     except ValueError as e:
         raise LgframeError(f"recipe model: {e}") from None
     get_constraint(constraint_spec(cfg))  # unknown name / option fails here, before training
