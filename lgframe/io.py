@@ -102,6 +102,20 @@ def load_distributed_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def atomic_checkpoint_io():
+    """Lightning CheckpointIO that writes each .ckpt beside its target, fsyncs and
+    renames (Lightning's own goes through fsspec, whose local transaction stages
+    the file in the system temp dir and then moves it: a copy across devices)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+
+    return AtomicCheckpointIO()
+
+
 # ------------------------------------------------------------------ model state
 def model_meta(model: nn.Module) -> dict:
     """What is needed to rebuild `model`: its config, its constraint, frozen params."""

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from lgframe.constraint import attached_constraint, constraint_class, constraint_names, get_constraint
 from lgframe.data import build_datamodule
 from lgframe.errors import LgframeError
-from lgframe.io import atomic_path, load_model, read_safetensors, save_model, write_text
+from lgframe.io import atomic_checkpoint_io, atomic_path, load_model, read_safetensors, save_model, write_text
 from lgframe.learngene import Learngene, paths_for
 from lgframe.models import model_from_config, parse_size, resolve_config
 from lgframe.recipes import constraint_spec, to_plain
@@ -259,6 +259,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         gradient_clip_val=cfg.optim.grad_clip or None,
         logger=CSVLogger(run_dir, name="", version=""),
         callbacks=callbacks,
+        plugins=None if sharded else [atomic_checkpoint_io()],
         enable_progress_bar=t.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -270,3 +270,30 @@ def test_sampling_a_vit_is_refused(files, tmp_path, capsys):
     assert main(["sample", str(files / "vitmodel.safetensors"), "--out", str(tmp_path / "s.png")]) == 1
     assert "sampling needs a DiT" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import lgframe.io
+
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second checkpoint dies half-way through its write
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(errno.EIO, "I/O error")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(lgframe.io.torch, "save", failing_save)
+    cfg = load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=w", "model.name=DiT-Pico/2", "trainer.max_steps=4",
+                                              "trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.progress=false"])
+    with pytest.raises(OSError, match="I/O error"):
+        fit(cfg)
+    monkeypatch.setattr(lgframe.io.torch, "save", real_save)
+    ckpt = torch.load(tmp_path / "w/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert not [p for p in (tmp_path / "w/checkpoints").iterdir() if p.name.endswith(".tmp")]
+    model, _ = load_model(tmp_path / "w/checkpoints/last.ckpt")
+    assert sum(p.numel() for p in model.parameters()) > 0
