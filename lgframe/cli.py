@@ -122,6 +122,21 @@ def cmd_descend(args) -> int:
     return 0
 
 
+def _sample_kw(args) -> dict:
+    from lgframe.run import sampling_kwargs
+
+    return sampling_kwargs(args.guidance, args.steps, args.scheduler, args.seed, args.uncond_from)
+
+
+def _add_sampling_args(s) -> None:
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps")
+    s.add_argument("--scheduler", choices=("ddim", "ddpm", "dpm"), default=None, help="sampler (dpm: DPM-Solver++)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--uncond-from", default=None, metavar="CHECKPOINT",
+                   help="take the CFG unconditional term from this model (a swapped prior, e.g. the base model)")
+
+
 def cmd_sample(args) -> int:
     from lgframe.run import load_task, save_sample_grid
     from lgframe.tasks import DiffusionTask
@@ -129,8 +144,7 @@ def cmd_sample(args) -> int:
     task = load_task(args.checkpoint)
     if not isinstance(task, DiffusionTask):
         raise LgframeError(f"'{args.checkpoint}' holds a {task.model.config.family} model; sampling needs a DiT")
-    out = save_sample_grid(task, args.out, n=args.n, guidance=args.guidance, steps=args.steps,
-                           scheduler=args.scheduler, seed=args.seed, progress=True)
+    out = save_sample_grid(task, args.out, n=args.n, progress=True, **_sample_kw(args))
     print(f"wrote {out} ({args.n} samples, classes 0..{task.model.config.num_classes - 1} by column)")
     return 0
 
@@ -141,7 +155,7 @@ def cmd_evaluate(args) -> int:
 
     task = load_task(args.checkpoint)
     data = load_recipe(None, [f"data.name={args.data}"]).data
-    res = evaluate(task, data)
+    res = evaluate(task, data, n_samples=args.n, inception_weights=args.inception_weights, **_sample_kw(args))
     print(json.dumps(res, indent=2))
     if args.out:
         from lgframe.io import write_json
@@ -201,15 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint")
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--out", required=True)
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--scheduler", choices=("ddim", "ddpm"), default=None)
-    s.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(s)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("evaluate", help="validation loss (and accuracy for a ViT) of a checkpoint")
+    s = sub.add_parser("evaluate", help="validation loss, accuracy (ViT), FID and class accuracy of samples (DiT)")
     s.add_argument("checkpoint")
     s.add_argument("--data", default="digits", help="digits | shapes")
+    s.add_argument("--n", type=int, default=500, help="generated samples for FID and class accuracy (0: none)")
+    s.add_argument("--inception-weights", default=None, help="local Inception weights file for Inception FID")
+    _add_sampling_args(s)
     s.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(func=cmd_evaluate)
 

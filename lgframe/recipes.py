@@ -84,8 +84,9 @@ class SampleCfg:
     n: int = 100  # 10 per class for the 10-class data
     steps: int = 50
     guidance: float = 2.0
-    scheduler: str = "ddim"  # ddim | ddpm
+    scheduler: str = "ddim"  # ddim | ddpm | dpm (DPM-Solver++ multistep)
     seed: int = 0
+    uncond_from: Optional[str] = None  # checkpoint whose null-class prediction is the CFG unconditional term
 
 
 @dataclass
@@ -220,8 +221,8 @@ def validate(cfg: DictConfig) -> None:
     get_constraint(constraint_spec(cfg))  # unknown name / option fails here, before training
     if cfg.optim.name not in ("adamw", "sgd"):
         raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
-    if cfg.sample.scheduler not in ("ddim", "ddpm"):
-        raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm")
+    if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
+        raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
     if cfg.data.name not in ("digits", "shapes"):
         raise LgframeError(f"data.name={cfg.data.name!r}; valid: digits, shapes")
 

@@ -281,7 +281,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         if isinstance(task, DiffusionTask):
             result.samples = run_dir / "samples.png"
             sampler = task if not sharded else make_task(recipe, model)
-            save_sample_grid(sampler, result.samples, n=cfg.sample.n)
+            save_sample_grid(sampler, result.samples, n=cfg.sample.n, **sampling_kwargs(uncond_from=cfg.sample.uncond_from))
     return result
 
 
@@ -340,13 +340,21 @@ def load_task(checkpoint: str | os.PathLike, recipe: DictConfig | None = None) -
     return make_task(plain, model)
 
 
-def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, guidance: float | None = None,
-                     steps: int | None = None, scheduler: str | None = None, seed: int | None = None, progress: bool = False) -> Path:
+def sampling_kwargs(guidance: float | None = None, steps: int | None = None, scheduler: str | None = None,
+                    seed: int | None = None, uncond_from: str | None = None) -> dict:
+    """Keyword arguments of DiffusionTask.sample; `uncond_from` loads the swapped prior."""
+    kw = {"guidance": guidance, "steps": steps, "scheduler": scheduler, "seed": seed}
+    if uncond_from:
+        kw["uncond_model"] = load_model(uncond_from)[0]
+    return kw
+
+
+def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, progress: bool = False, **kw) -> Path:
+    """n samples, one class per column, as a PNG grid."""
     from torchvision.utils import save_image
 
     k = task.model.config.num_classes
-    labels = torch.arange(n) % k
-    imgs = task.sample(labels, guidance=guidance, steps=steps, scheduler=scheduler, seed=seed, progress=progress)
+    imgs = task.sample(torch.arange(n) % k, progress=progress, **kw)
     out = Path(out)
     with atomic_path(out) as tmp:
         save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
@@ -354,8 +362,10 @@ def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, 
 
 
 @torch.no_grad()
-def evaluate(task: LgTask, data_cfg) -> dict:
-    """Validation loss (and accuracy for classification) on the recipe's data split."""
+def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: str | None = None, **kw) -> dict:
+    """Validation loss (and accuracy for a ViT) on the data split; for a DiT on digits
+    also FID (digits-classifier features) of `n_samples` generated images against
+    the training images, and their class accuracy; `kw` as in `sampling_kwargs`."""
     dm = build_datamodule(data_cfg)
     dm.setup("validate")
     task.eval()
@@ -370,9 +380,21 @@ def evaluate(task: LgTask, data_cfg) -> dict:
             losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum").item())
             correct += (logits.argmax(1) == y).sum().item()
         count += len(batch[0])
-    out = {"val_loss": sum(losses) / count, "n": count}
+    out: dict = {"val_loss": sum(losses) / count, "n": count}
     if not isinstance(task, DiffusionTask):
         out["val_acc"] = correct / count
+        return out
+    if n_samples and data_cfg.name == "digits":
+        from lgframe.metrics import class_accuracy, digits_fid, inception_fid
+
+        labels = torch.arange(n_samples) % task.model.config.num_classes
+        fake = task.sample(labels, **kw)
+        real = dm.train_set.tensors[0]
+        out |= {"fid_digits": digits_fid(real, fake), "class_accuracy": class_accuracy(fake, labels), "samples": n_samples,
+                "guidance": kw.get("guidance") if kw.get("guidance") is not None else task.recipe["sample"]["guidance"],
+                "uncond_from": "own" if kw.get("uncond_model") is None else "swapped"}
+        if inception_weights:
+            out["fid_inception"] = inception_fid(real, fake, inception_weights)
     return out
 
 

@@ -19,13 +19,16 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lgframe.constraint import attached_constraint, get_constraint, log
 from lgframe.errors import LgframeError
 from lgframe.io import model_meta
+
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
 class LgTask(pl.LightningModule):
@@ -187,38 +190,75 @@ class DiffusionTask(LgTask):
         scheduler: str | None = None,
         seed: int | None = None,
         progress: bool = False,
+        uncond_model: nn.Module | None = None,
+        batch_size: int = 500,
     ) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance."""
+        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance:
+        eps = eps_u(x_t, null) + guidance * (eps(x_t, c) - eps_u(x_t, null)).
+
+        The unconditional term comes from the model's own null class, or from
+        `uncond_model` (a swapped prior: any model taking the same inputs, e.g.
+        the base model a fine-tune started from; its own null class is used).
+        guidance 1 is the conditional model alone. lgframe's DiT takes one
+        condition, so the dual-condition rule (swap only eps(x_t, null, null))
+        does not apply to it."""
         s = self.recipe["sample"]
         guidance = s["guidance"] if guidance is None else guidance
         steps = steps or s["steps"]
         kind = scheduler or s["scheduler"]
-        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
-        sched = cls.from_config(self.noise_scheduler.config)
-        sched.set_timesteps(steps)
+        if kind not in SAMPLERS:
+            raise LgframeError(f"sample scheduler {kind!r}; valid: {', '.join(SAMPLERS)}")
         cfg = self.model.config
+        if uncond_model is not None:
+            check_same_inputs(self.model, uncond_model)
         g = torch.Generator().manual_seed(s["seed"] if seed is None else seed)
-        x = torch.randn((len(labels), cfg.in_channels, cfg.image_size, cfg.image_size), generator=g).to(self.device)
-        labels = labels.to(self.device)
+        x_all = torch.randn((len(labels), cfg.in_channels, cfg.image_size, cfg.image_size), generator=g)
+        out = []
+        for start in range(0, len(labels), batch_size):
+            out.append(self._sample_batch(x_all[start:start + batch_size].to(self.device),
+                                          labels[start:start + batch_size].to(self.device),
+                                          guidance, steps, kind, g, progress and start == 0, uncond_model))
+        return torch.cat(out)
+
+    def _sample_batch(self, x, labels, guidance, steps, kind, g, progress, uncond_model):
+        sched = SAMPLERS[kind].from_config(self.noise_scheduler.config)
+        sched.set_timesteps(steps)
         null = torch.full_like(labels, self.null_class)
-        was_training = self.model.training
-        self.model.eval()
+        models = [self.model] + ([uncond_model] if uncond_model is not None else [])
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
         timesteps = sched.timesteps
         if progress:
             from rich.progress import track
 
             timesteps = track(timesteps, description=f"sampling ({kind}, {steps} steps)")
         for t in timesteps:
-            tt = torch.full((len(labels),), int(t), device=self.device)
+            tt = torch.full((len(labels),), int(t), device=x.device)
             if guidance == 1.0:
                 eps = self.model(x, tt, labels)
-            else:  # conditional and unconditional in one batched forward
-                both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
-                cond, uncond = both.chunk(2)
+            elif uncond_model is None:  # conditional and unconditional in one batched forward
+                cond, uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
                 eps = uncond + guidance * (cond - uncond)
-            x = sched.step(eps, t, x, generator=g).prev_sample
-        self.model.train(was_training)
+            else:
+                cond = self.model(x, tt, labels)
+                other_null = torch.full_like(labels, uncond_model.config.num_classes)
+                uncond = uncond_model(x, tt, other_null)
+                eps = uncond + guidance * (cond - uncond)
+            x = sched.step(eps, t, x, generator=g).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
+        for m, mode in zip(models, modes):
+            m.train(mode)
         return x.clamp(-1, 1)
+
+
+def check_same_inputs(model: nn.Module, other: nn.Module) -> None:
+    a, b = model.config, other.config
+    if getattr(b, "family", None) != "dit" or (a.image_size, a.in_channels) != (b.image_size, b.in_channels):
+        raise LgframeError(
+            f"the unconditional prior must take the same inputs as the model: model {a.family} "
+            f"{a.image_size}x{a.image_size}x{a.in_channels}, prior {getattr(b, 'family', type(other).__name__)} "
+            f"{getattr(b, 'image_size', '?')}x{getattr(b, 'image_size', '?')}x{getattr(b, 'in_channels', '?')}"
+        )
 
 
 class ClassificationTask(LgTask):

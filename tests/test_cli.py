@@ -50,9 +50,16 @@ def test_learngene_descend_train_sample_evaluate(pretrained, tmp_path, capsys):
     assert Image.open(png).size == (10 * 9 + 1, 9 + 1)  # 10 classes per row, 8px + 1px padding
     assert main(["sample", str(named), "--n", "10", "--steps", "4", "--guidance", "1", "--out", str(png)]) == 0
     res = tmp_path / "eval.json"
-    assert main(["evaluate", str(ckpt), "--out", str(res)]) == 0
+    assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--out", str(res)]) == 0
     numbers = json.loads(res.read_text())
     assert 0 < numbers["val_loss"] < 2 and numbers["n"] > 300
+    assert numbers["fid_digits"] > 0 and 0 <= numbers["class_accuracy"] <= 1 and numbers["uncond_from"] == "own"
+    assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--guidance", "3", "--uncond-from", str(named),
+                 "--scheduler", "dpm", "--out", str(res)]) == 0
+    swapped = json.loads(res.read_text())
+    assert swapped["uncond_from"] == "swapped" and swapped["guidance"] == 3.0
+    assert swapped["fid_digits"] != numbers["fid_digits"]
+    assert main(["sample", str(ckpt), "--n", "10", "--steps", "4", "--uncond-from", str(named), "--out", str(png)]) == 0
 
 
 def test_vit_pretrain_and_evaluate(tmp_path):

@@ -1,0 +1,66 @@
+"""Classifier-free guidance, own or swapped unconditional prior, over the diffusers samplers."""
+
+import copy
+
+import pytest
+import torch
+
+from lgframe.errors import LgframeError
+from lgframe.models import create_model
+from lgframe.recipes import load_recipe, to_plain
+from lgframe.tasks import make_task
+
+
+def activated(name="DiT-Pico/2", seed=0, **size):
+    torch.manual_seed(seed)
+    m = create_model(name, **size)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return m
+
+
+@pytest.fixture
+def task():
+    return make_task(to_plain(load_recipe("dit_digits_pretrain", ["constraint=scratch"])), activated())
+
+
+LABELS = torch.arange(6) % 10
+
+
+def test_uncond_from_the_same_model_equals_standard_cfg(task):
+    own = task.sample(LABELS, guidance=3.0, steps=8, seed=1)
+    swapped = task.sample(LABELS, guidance=3.0, steps=8, seed=1, uncond_model=copy.deepcopy(task.model))
+    assert torch.allclose(own, swapped, atol=1e-5)
+
+
+def test_another_prior_changes_guided_samples_but_not_guidance_one(task):
+    other = activated(seed=5, depth=2)  # another size: same inputs, other weights
+    g3_own = task.sample(LABELS, guidance=3.0, steps=8, seed=1)
+    g3_other = task.sample(LABELS, guidance=3.0, steps=8, seed=1, uncond_model=other)
+    assert (g3_own - g3_other).abs().max() > 1e-3
+    g1_own = task.sample(LABELS, guidance=1.0, steps=8, seed=1)
+    g1_other = task.sample(LABELS, guidance=1.0, steps=8, seed=1, uncond_model=other)
+    assert torch.equal(g1_own, g1_other)  # guidance 1 is the conditional model alone
+
+
+def test_mismatched_prior_fails_before_sampling(task):
+    other = create_model("DiT-Pico/2", image_size=16)
+    with pytest.raises(LgframeError, match="must take the same inputs.*8x8x1.*16x16x1"):
+        task.sample(LABELS, guidance=2.0, steps=4, uncond_model=other)
+    with pytest.raises(LgframeError, match="must take the same inputs"):
+        task.sample(LABELS, guidance=2.0, steps=4, uncond_model=create_model("ViT-Pico/2"))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpm"])
+def test_samplers(task, scheduler):
+    x = task.sample(LABELS, guidance=2.0, steps=6, scheduler=scheduler, seed=0)
+    assert x.shape == (6, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+    assert not torch.equal(x, task.sample(LABELS, guidance=2.0, steps=6, scheduler=scheduler, seed=1))
+
+
+def test_batched_sampling_matches_one_batch(task):
+    whole = task.sample(LABELS, guidance=2.0, steps=5, seed=3)
+    parts = task.sample(LABELS, guidance=2.0, steps=5, seed=3, batch_size=4)
+    assert torch.allclose(whole, parts, atol=1e-5)

@@ -1,0 +1,44 @@
+"""Metrics without downloads: the cached digits classifier, digits FID, class accuracy."""
+
+import pytest
+import torch
+
+from lgframe.data import ImageDataModule
+from lgframe.errors import LgframeError
+from lgframe.metrics import class_accuracy, digits_classifier, digits_fid, inception_fid
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = ImageDataModule("digits")
+    dm.setup()
+    return dm.train_set.tensors, dm.val_set.tensors
+
+
+def test_classifier_reads_digits(digits):
+    _, (xv, yv) = digits
+    assert class_accuracy(xv, yv) > 0.95
+    assert class_accuracy(xv, (yv + 1) % 10) < 0.05
+
+
+def test_fid_of_real_halves_is_far_below_fid_of_noise(digits):
+    (xt, _), _ = digits
+    real_real = digits_fid(xt[:700], xt[700:1400])
+    noise = digits_fid(xt[:700], torch.rand(700, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert real_real < 40 and noise > 10 * real_real
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGFRAME_CACHE", str(tmp_path))
+    first = digits_classifier()
+    path = next(tmp_path.glob("digits_classifier_v*.safetensors"))
+    path.write_bytes(b"corrupt")
+    again = digits_classifier()  # rebuilt, deterministically
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert path.stat().st_size > 1000
+
+
+def test_inception_fid_needs_a_local_weights_file(digits):
+    (xt, _), _ = digits
+    with pytest.raises(LgframeError, match="needs a local weights file.*eval.inception_weights"):
+        inception_fid(xt[:10], xt[10:20], None)
