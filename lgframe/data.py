@@ -170,6 +170,7 @@ class ImageDataModule(pl.LightningDataModule):
         shapes_n: int = 2000,
         drop_last: bool = True,
         shuffle: bool = True,
+        classes: list[int] | None = None,
     ):
         super().__init__()
         if name not in DATA_NAMES:
@@ -196,6 +197,10 @@ class ImageDataModule(pl.LightningDataModule):
         # Off where runs must be comparable across world sizes: Lightning's
         # DistributedSampler then hands rank r the items r, r + W, ... in order.
         self.shuffle = bool(shuffle)
+        # Keep only these labels (fine-tuning on a subset); labels keep their values.
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None and (not self.classes or not all(0 <= c < 10 for c in self.classes)):
+            raise DataError(f"classes={classes} must be a non-empty list of labels in 0..9")
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -232,6 +237,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         x, y = self.load_arrays()
+        if self.classes is not None:
+            keep = torch.isin(y, torch.tensor(self.classes))
+            x, y = x[keep], y[keep]
         train_idx, val_idx = self.split_indices(len(x))
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])

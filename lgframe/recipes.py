@@ -44,6 +44,7 @@ class DataCfg:
     augment: bool = False
     num_workers: int = 0
     shuffle: bool = True  # false: the same global batches at any world size (equivalence checks)
+    classes: Optional[list[int]] = None  # keep only these labels (e.g. fine-tuning on a subset)
 
 
 @dataclass
