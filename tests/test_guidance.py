@@ -64,3 +64,20 @@ def test_batched_sampling_matches_one_batch(task):
     whole = task.sample(LABELS, guidance=2.0, steps=5, seed=3)
     parts = task.sample(LABELS, guidance=2.0, steps=5, seed=3, batch_size=4)
     assert torch.allclose(whole, parts, atol=1e-5)
+
+
+def test_cfg_prior_experiment_quick(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cfg_prior.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "cfg_prior_quick.json").read_text())["rows"]
+    assert {(r["guidance"], r["prior"]) for r in rows} == {(g, p) for g in (1.0, 2.0, 4.0) for p in ("own", "base")}
+    by = {(r["guidance"], r["prior"]): r for r in rows}
+    assert by[(1.0, "own")]["fid_digits"] == by[(1.0, "base")]["fid_digits"]  # guidance 1: the prior plays no part
+    assert (tmp_path / "cfg_prior_quick.png").stat().st_size > 1000
