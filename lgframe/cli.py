@@ -164,6 +164,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lgframe.compare import run_compare
+    from lgframe.recipes import load_recipe
+
+    report = run_compare(load_recipe(args.recipe, args.overrides), samples=args.samples)
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lgframe.demo import run_demo
 
@@ -226,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(s)
     s.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
+    s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.add_argument("--samples", type=int, default=300, help="samples per model for FID and class accuracy (0: none)")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("demo", help="the whole chain on digits: pretrain, learngene, descend, train vs scratch, report")
     s.add_argument("--out", default="lgframe_demo")

@@ -14,19 +14,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lgframe.compare import steps_to_reach
 from lgframe.io import write_text
 from lgframe.learngene import Learngene
 from lgframe.recipes import load_recipe
 from lgframe.run import RunResult, fit, plot_curves
 
 SIZES = {"smaller": "DiT-Pico/2", "larger": "DiT-Micro/2"}
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    for step, v in curve:
-        if v <= target:
-            return step
-    return None
 
 
 def _fmt_steps(s: int | None) -> str:

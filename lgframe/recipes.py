@@ -108,6 +108,20 @@ class InitCfg:
 
 
 @dataclass
+class CompareCfg:
+    """`lgframe compare`: which constraints, target sizes, seeds and budgets."""
+
+    constraints: list[str] = field(default_factory=lambda: ["svd"])
+    sizes: list[str] = field(default_factory=lambda: ["DiT-Pico/2", "DiT-Micro/2"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 300  # each descendant and scratch model
+    ancestor_steps: int = 800
+    train_fraction: float = 1.0  # < 1: the limited-data setting for the descendants
+    ancestor_recipe: str = "dit_digits_pretrain"
+    descendant_recipe: str = "dit_digits_descend"
+
+
+@dataclass
 class Recipe:
     task: str = "diffusion"  # diffusion | classification
     name: str = "run"
@@ -125,6 +139,7 @@ class Recipe:
     sample: SampleCfg = field(default_factory=SampleCfg)
     ema: EmaCfg = field(default_factory=EmaCfg)
     init: InitCfg = field(default_factory=InitCfg)
+    compare: CompareCfg = field(default_factory=CompareCfg)
 
 
 def _schema_node(path: list[str]):
@@ -220,6 +235,8 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise LgframeError(f"recipe model: {e}") from None
     get_constraint(constraint_spec(cfg))  # unknown name / option fails here, before training
+    for name in cfg.compare.constraints:
+        get_constraint(name)  # an unknown name fails here
     if cfg.optim.name not in ("adamw", "sgd"):
         raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
     if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
