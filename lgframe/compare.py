@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from lgframe.constraint import TransformConstraint, constraint_class
 from lgframe.io import write_json, write_text
+from lgframe.models import parse_size
 from lgframe.recipes import load_recipe
 from lgframe.run import RunResult, evaluate, extract_learngene, fit, plot_curves
 
@@ -72,9 +73,11 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     val_every = max(1, c.steps // 10)
     results: dict[str, dict[str, list[dict]]] = {}
     for size in c.sizes:
-        tag = size.replace("/", "_")
+        tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
+        name_, size_overrides = parse_size(size)
         for seed in c.seeds:
-            common = [f"out_dir={out / 'runs'}", f"model.name={size}", f"trainer.max_steps={c.steps}",
+            common = [f"out_dir={out / 'runs'}", f"model.name={name_ or cfg.model.name}",
+                      *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
                       f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={cfg.data.name}",
                       f"data.train_fraction={c.train_fraction}", "trainer.progress=" + str(cfg.trainer.progress).lower()]
             runs = {"scratch": fit(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}", "constraint=scratch"]),
@@ -145,6 +148,6 @@ def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
             lines.append(f"| {name} | {_fmt(e['initial'])} | {_fmt(e['final'])} ± {_fmt(e['final_spread'])} | "
                          f"{_fmt(e['steps_to_scratch_final'], '.0f')} | {_fmt(e['ratio_to_scratch'], '.2f')} | "
                          f"{_fmt(e.get('fid_digits'), '.1f')} | {_fmt(e.get('class_accuracy'), '.3f')} |")
-        tag = size.replace("/", "_")
+        tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
         lines += ["", *[f"![{size} seed {s}](loss_{tag}_s{s}.png)" for s in c.seeds], ""]
     return "\n".join(lines) + "\n"
