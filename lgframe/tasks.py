@@ -26,6 +26,7 @@ from typing_extensions import override
 from lgframe.constraint import attached_constraint, get_constraint, log
 from lgframe.errors import LgframeError
 from lgframe.io import model_meta
+from lgframe.layout import Layout
 
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -56,8 +57,6 @@ class LgTask(pl.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             dp = mesh["data_parallel"]
-            from lgframe.layout import Layout
-
             for block in Layout(self.model).blocks(self.model):
                 fully_shard(block, mesh=dp)
             fully_shard(self.model, mesh=dp)  # the root unit: bank, embeddings, head
