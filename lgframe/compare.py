@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lgframe.constraint import TransformConstraint, constraint_class
+from lgframe.constraint import TransformConstraint, constraint_class, constraint_names
 from lgframe.io import write_json, write_text
 from lgframe.models import parse_size
 from lgframe.recipes import load_recipe
@@ -34,11 +34,19 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
+def methods(cfg: DictConfig) -> list[str]:
+    """The learngene methods to compare: `compare.constraints`, [all] = every registered one."""
+    names = list(cfg.compare.constraints)
+    if "all" in names:
+        names = [n for n in constraint_names() if n != "scratch"]
+    return [n for n in names if n != "scratch"]
+
+
 def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> dict[str, Path]:
     """learngene path per constraint; one dense ancestor serves every transform constraint."""
     learngenes: dict[str, Path] = {}
     dense: RunResult | None = None
-    for name in cfg.compare.constraints:
+    for name in methods(cfg):
         if name == "scratch":
             continue
         lg = out / "learngenes" / f"{name}.safetensors"
@@ -96,7 +104,7 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
                         f"{size}, seed {seed}: descendants vs scratch")
     summary = _summarize(results)
     write_json(out / "compare.json", {"summary": summary, "runs": results, "wall_seconds": round(time.time() - t0, 1),
-                                      "recipe": {"constraints": list(c.constraints), "sizes": list(c.sizes),
+                                      "recipe": {"constraints": methods(cfg), "sizes": list(c.sizes),
                                                  "seeds": list(c.seeds), "steps": c.steps}})
     report = out / "report.md"
     write_text(report, _markdown(cfg, summary, out, time.time() - t0))
