@@ -6,6 +6,7 @@ here without a line added. Constraint-specific behaviour lives in test_<name>.py
 
 import pytest
 import torch
+from helpers import activate
 
 from lgframe.constraint import BANK, TransformConstraint, attached_constraint, constraint_class, constraint_names, get_constraint
 from lgframe.errors import LgframeError
@@ -14,16 +15,6 @@ from lgframe.models import create_model
 
 NAMES = constraint_names()
 WITH_LEARNGENE = [n for n in NAMES if n != "scratch"]
-
-
-def activate(model, seed=0):
-    """Trained-looking weights: zero-initialized layers get values, so every block matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def inputs(n=3):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import activate
 
 from lgframe.errors import LgframeError
 from lgframe.models import create_model
@@ -13,12 +14,7 @@ from lgframe.tasks import make_task
 
 def activated(name="DiT-Pico/2", seed=0, **size):
     torch.manual_seed(seed)
-    m = create_model(name, **size)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return m
+    return activate(create_model(name, **size), seed)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import activate
 
 from lgframe.constraint import BANK, get_constraint
 from lgframe.errors import LgframeError
@@ -12,16 +13,6 @@ from lgframe.strategies.svd import random_orthonormal
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def activate(model, seed=0):
-    """Give zero-initialized layers (adaLN-Zero, final layer) values so every block matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def dit_inputs(n=4, seed=0):
