@@ -164,6 +164,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from lgframe.convert import from_diffusers
+    from lgframe.io import save_model
+
+    model = from_diffusers(args.source)
+    save_model(model, args.out)
+    c = model.config
+    print(f"wrote {args.out}: DiT depth {c.depth}, width {c.width}, heads {c.heads}, {c.image_size}x{c.image_size}x"
+          f"{c.in_channels}, {c.num_classes} classes")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lgframe.convert import to_diffusers
+    from lgframe.io import load_model
+
+    model, _ = load_model(args.checkpoint)
+    to_diffusers(model, args.out)
+    print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from lgframe.compare import run_compare
     from lgframe.recipes import load_recipe
@@ -235,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(s)
     s.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("import", help="a local diffusers DiTTransformer2DModel folder -> lgframe model file")
+    s.add_argument("format", choices=("diffusers",))
+    s.add_argument("source", help="folder written by save_pretrained (nothing downloads)")
+    s.add_argument("--out", required=True, help="model file (.safetensors) for train/descend/learngene/sample")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("export", help="an lgframe DiT (any size; constraints are materialized) -> diffusers folder")
+    s.add_argument("format", choices=("diffusers",))
+    s.add_argument("checkpoint", help=".ckpt, model .safetensors or fsdp checkpoint folder")
+    s.add_argument("--out", required=True, help="output folder (DiTTransformer2DModel.save_pretrained)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
     s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")

@@ -32,6 +32,11 @@ class TransformerConfig:
     num_classes: int = 10
     mlp_ratio: float = 4.0
     family: str = "dit"
+    # DiT only: output channels (0 = in_channels; 2 * in_channels for a learned-sigma
+    # checkpoint, whose extra channels lgframe ignores) and the timestep embedding's
+    # frequency shift (diffusers' DiT uses 1, facebookresearch/DiT 0).
+    out_channels: int = 0
+    freq_shift: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,20 +124,22 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, frequency_embedding_size: int = 256):
+    def __init__(self, dim: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, shift: int = 0) -> torch.Tensor:
+        """(B,) -> (B, dim): [cos, sin] of t at geometric frequencies."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size, shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -193,9 +200,9 @@ class DiT(nn.Module):
         config.validate()
         self.config = config
         c = config
-        self.out_channels = c.in_channels
+        self.out_channels = c.out_channels or c.in_channels
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.width)
-        self.t_embedder = TimestepEmbedder(c.width)
+        self.t_embedder = TimestepEmbedder(c.width, freq_shift=c.freq_shift)
         self.y_embedder = LabelEmbedder(c.num_classes, c.width)
         grid = c.image_size // c.patch_size
         # Fixed sin-cos table kept as a frozen parameter, as in DiT: it travels with

@@ -32,6 +32,7 @@ class ModelCfg:
     image_size: Optional[int] = None
     in_channels: Optional[int] = None
     num_classes: Optional[int] = None
+    freq_shift: Optional[int] = None  # DiT timestep embedding; 1 = diffusers' convention (needed to export)
 
 
 @dataclass
@@ -226,6 +227,8 @@ def validate(cfg: DictConfig) -> None:
     family = "dit" if cfg.task == "diffusion" else "vit"
     m = cfg.model
     mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
+    if m.freq_shift is not None:
+        mc["freq_shift"] = m.freq_shift
     if mc["family"] != family:
         raise LgframeError(f"task '{cfg.task}' needs a {family.upper()} model, but model.name is '{m.name}'")
     from lgframe.models import FAMILIES

@@ -167,7 +167,7 @@ class DiffusionTask(LgTask):
             drop = torch.rand(y.shape, device=y.device) < dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         x_t = self.noise_scheduler.add_noise(x, noise, t)
-        return F.mse_loss(self.model(x_t, t, y), noise)
+        return F.mse_loss(self.model(x_t, t, y)[:, : x.shape[1]], noise)  # extra (sigma) channels unused
 
     @override
     def training_step(self, batch, batch_idx):
@@ -235,14 +235,15 @@ class DiffusionTask(LgTask):
         for t in timesteps:
             tt = torch.full((len(labels),), int(t), device=x.device)
             if guidance == 1.0:
-                eps = self.model(x, tt, labels)
+                eps = self.model(x, tt, labels)[:, : x.shape[1]]
             elif uncond_model is None:  # conditional and unconditional in one batched forward
-                cond, uncond = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+                both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))[:, : x.shape[1]]
+                cond, uncond = both.chunk(2)
                 eps = uncond + guidance * (cond - uncond)
             else:
-                cond = self.model(x, tt, labels)
+                cond = self.model(x, tt, labels)[:, : x.shape[1]]
                 other_null = torch.full_like(labels, uncond_model.config.num_classes)
-                uncond = uncond_model(x, tt, other_null)
+                uncond = uncond_model(x, tt, other_null)[:, : x.shape[1]]
                 eps = uncond + guidance * (cond - uncond)
             x = sched.step(eps, t, x, generator=g).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
         for m, mode in zip(models, modes):

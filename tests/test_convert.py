@@ -1,0 +1,78 @@
+"""diffusers DiT <-> lgframe DiT: outputs match, constraints apply, any size exports."""
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from helpers import activate
+
+from lgframe.cli import main
+from lgframe.constraint import constraint_class, constraint_names, get_constraint
+from lgframe.convert import from_diffusers, to_diffusers
+from lgframe.errors import LgframeError
+from lgframe.io import load_model
+from lgframe.models import create_model
+
+
+def diffusers_dit(layers=3, shared_embedder=True, out_channels=2):
+    torch.manual_seed(0)
+    d = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=1, out_channels=out_channels,
+                              num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    sd = d.state_dict()
+    with torch.no_grad():
+        for k, v in sd.items():
+            if v.abs().sum() == 0 or "norm1.linear" in k or "proj_out" in k:
+                v.normal_(0, 0.1)  # zero-initialized layers get values, so every part matters
+        if shared_embedder:  # as in checkpoints converted from DiT: one embedder copied into every block
+            for i in range(1, layers):
+                for k in [k for k in sd if k.startswith("transformer_blocks.0.norm1.emb.")]:
+                    sd[k.replace(".0.", f".{i}.", 1)].copy_(sd[k])
+    return d
+
+
+INPUTS = (torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 500, 999]),
+          torch.tensor([0, 4, 10]))
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_import_matches_diffusers_outputs(tmp_path):
+    d = diffusers_dit()
+    d.save_pretrained(tmp_path / "dit")
+    assert main(["import", "diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "m.safetensors")]) == 0
+    model, _ = load_model(tmp_path / "m.safetensors")
+    x, t, y = INPUTS
+    assert rel(model(x, t, y), d(x, timestep=t, class_labels=y).sample) < 1e-4
+
+
+def test_export_any_size_loads_in_diffusers(tmp_path):
+    for model in (from_diffusers(diffusers_dit()), activate(create_model("DiT-Pico/2", depth=3, freq_shift=1))):
+        get_constraint("svd").attach(model)  # a constrained model: export materializes a copy
+        to_diffusers(model, tmp_path / "out")
+        back = DiTTransformer2DModel.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+        x, t, y = INPUTS
+        assert rel(back(x, timestep=t, class_labels=y).sample, model(x, t, y)) < 1e-4
+
+
+@pytest.mark.parametrize("name", [n for n in constraint_names() if n != "scratch"])
+def test_constraints_on_an_imported_model(name):
+    model = from_diffusers(diffusers_dit(layers=4))
+    c = get_constraint(name)
+    c.attach(model, init="dense")
+    child = constraint_class(name)().descend(c.learngene(model), create_model("DiT-Pico/2", depth=2, width=32, heads=2,
+                                                                            out_channels=2, freq_shift=1))
+    x, t, y = INPUTS
+    assert torch.isfinite(child(x, t, y)).all()
+
+
+def test_import_refuses_per_block_embedders_and_missing_folders(tmp_path):
+    with pytest.raises(LgframeError, match="block 1 has its own timestep/class embedder"):
+        from_diffusers(diffusers_dit(shared_embedder=False))
+    with pytest.raises(LgframeError, match="is not a diffusers model directory.*Nothing is downloaded"):
+        from_diffusers(tmp_path / "nothing")
+
+
+def test_export_needs_the_diffusers_timestep_convention():
+    with pytest.raises(LgframeError, match="frequency shift 0; diffusers' DiT hard-wires 1"):
+        to_diffusers(create_model("DiT-Pico/2"))
