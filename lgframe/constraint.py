@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, dims_of, model_depth, model_dims, model_identity, resample_depth, select_width, set_submodule
+from lgframe.layout import Dims, Layout, Role, depth_blend, dims_of, model_depth, model_dims, model_identity, select_width, set_submodule
 from lgframe.learngene import Learngene
 
 log = logging.getLogger("lgframe")
@@ -213,8 +213,9 @@ class Constraint(ABC):
 
     # -- attach ------------------------------------------------------------
     def attach(self, model: nn.Module, layout: Layout | None = None, init: str = "random") -> nn.Module:
-        """Rewrite the role weights in place into constrained form. Idempotent."""
-        if init not in ("random", "dense"):
+        """Rewrite the role weights in place into constrained form. Idempotent.
+        init="empty" (used by descend, which fills every tensor) skips the random draw."""
+        if init not in ("random", "dense", "empty"):
             raise LgframeError(f"attach init={init!r}; valid: random, dense")
         current = attached_constraint(model)
         if current is not None:
@@ -228,7 +229,7 @@ class Constraint(ABC):
         bank = self.bank_class()
         built = {}
         for role in roles:
-            stack = layout.stack(model, role)
+            stack = torch.empty(role.shape) if init == "empty" else layout.stack(model, role)
             shared, scalers = self.build(role, stack, init)
             bank.add(role, **shared)
             built[role.name] = scalers
@@ -310,7 +311,7 @@ class Constraint(ABC):
         from `learngene`; the model leaves with this constraint attached."""
         layout, src_dims, dst_dims = self.prepare_target(learngene, model)
         self.prepare_descend(learngene, layout, dst_dims)
-        self.attach(model, layout, init="random")
+        self.attach(model, layout, init="empty")
         bank = getattr(model, BANK)
         mods = self.constrained_layers(model)
         for name, shape in learngene.roles.items():
@@ -417,9 +418,7 @@ def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims
     them by consistent width selection (new positions keep their fresh init)."""
     rest = learngene.group("rest")
     src_depth = model_depth(learngene.ancestor_config)
-    src_layout_prefix = layout.blocks_path + "."
     role_names = set(learngene.roles)
-    stacks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             split = layout.split_block_name(name)
@@ -427,12 +426,11 @@ def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims
                 layer, inner = split
                 if inner in role_names:
                     continue  # constrained weight: the constraint initializes it
-                if inner not in stacks:
-                    keys = [f"{src_layout_prefix}{l}.{inner}" for l in range(src_depth)]
-                    if not all(k in rest for k in keys):
-                        continue
-                    stacks[inner] = resample_depth(torch.stack([rest[k] for k in keys]), layout.depth)
-                src = stacks[inner][layer]
+                keys = [f"{layout.blocks_path}.{l}.{inner}" for l in range(src_depth)]
+                if not all(k in rest for k in keys):
+                    continue
+                lo, hi, w = depth_blend(src_depth, layout.depth, layer)
+                src = torch.lerp(rest[keys[lo]], rest[keys[hi]], w) if w else rest[keys[lo]]
             elif name in rest:
                 src = rest[name]
             else:

@@ -216,13 +216,16 @@ def depth_positions(src: int, tgt: int) -> torch.Tensor:
     return torch.linspace(0, src - 1, tgt, dtype=torch.float64)
 
 
+def depth_blend(src: int, tgt: int, layer: int) -> tuple[int, int, float]:
+    """Target layer `layer` of `tgt` is lerp(source lo, source hi, w) over `src` layers."""
+    pos = float(depth_positions(src, tgt)[layer])
+    lo = min(int(pos), src - 1)
+    return lo, min(lo + 1, src - 1), pos - lo
+
+
 def resample_depth(stack: torch.Tensor, tgt: int) -> torch.Tensor:
     """Linear interpolation of a per-layer stack (L, ...) over normalized depth -> (tgt, ...)."""
     src = stack.shape[0]
     if src == tgt:
         return stack.clone()
-    pos = depth_positions(src, tgt)
-    lo = pos.floor().long().clamp(max=src - 1)
-    hi = (lo + 1).clamp(max=src - 1)
-    w = (pos - lo.double()).to(stack.dtype).reshape([-1] + [1] * (stack.dim() - 1))
-    return stack[lo] * (1 - w) + stack[hi] * w
+    return torch.stack([torch.lerp(stack[lo], stack[hi], w) for lo, hi, w in (depth_blend(src, tgt, l) for l in range(tgt))])

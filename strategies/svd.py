@@ -116,6 +116,8 @@ class SVD(Constraint):
         if not isinstance(self.options.rank, dict):
             self.options.rank = {}
         self.options.rank[role.name] = r
+        if init == "empty":  # descend overwrites every tensor
+            return {"U": torch.empty(m, r), "V": torch.empty(n, r)}, {"sigma": torch.empty(L, r)}
         if init == "random":
             U, V = random_orthonormal(m, r), random_orthonormal(n, r)
             return {"U": U, "V": V}, {"sigma": random_sigma(stack.flatten(1).norm(dim=1), r)}
