@@ -248,7 +248,9 @@ class Constraint(ABC):
     def build(self, role: Role, stack: torch.Tensor, init: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Factors of one role from its dense stack (L, m, n): (shared tensors,
         per-layer scalers each stacked over layers (L, ...)). With init="random"
-        the stack is the model's fresh dense init, used for scale only."""
+        the stack is the model's fresh dense init, used for scale only; with
+        init="empty" (descend, which overwrites everything) it is uninitialized
+        memory of the right shape: return tensors of the right shapes, cheaply."""
 
     # -- helpers over an attached model --------------------------------------
     def _require_attached(self, model: nn.Module) -> nn.Module:
