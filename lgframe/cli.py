@@ -50,7 +50,7 @@ def cmd_list(args) -> int:
     t.add_column("what")
     for n in constraint_names():
         doc = (constraint_class(n).__module__ and sys.modules[constraint_class(n).__module__].__doc__ or "").strip()
-        t.add_row(n, doc.splitlines()[0] if doc else "")
+        t.add_row(n, " ".join(doc.split("\n\n")[0].split()) if doc else "")
     con.print(t)
     t = Table(title="model sizes (model.name: NAME/PATCH)")
     for c in ("name", "patches", "depth", "width", "heads"):
