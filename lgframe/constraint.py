@@ -190,6 +190,9 @@ class Constraint(ABC):
     Options: ClassVar[type] = BaseOptions
     bank_class: ClassVar[type[Bank] | None] = None
     scaler_names: ClassVar[tuple[str, ...]] = ()
+    # Options under which dense -> constrained -> dense and same-size descent are
+    # lossless (the conformance suite checks the exact round trips with them).
+    lossless_options: ClassVar[dict] = {}
 
     def __init__(self, **options: Any):
         valid = {f.name for f in dataclasses.fields(self.Options)}
@@ -415,7 +418,7 @@ class Constraint(ABC):
 
 
 def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims) -> None:
-    """The `rest: select` policy: every free parameter of `model` is taken from
+    """The `rest: select` policy: every trainable free parameter of `model` is taken from
     the ancestor's, per-block ones interpolated over normalized depth, all of
     them by consistent width selection (new positions keep their fresh init)."""
     rest = learngene.group("rest")
@@ -423,6 +426,8 @@ def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims
     role_names = set(learngene.roles)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen tables (the DiT's sincos positions) are the target's own
             split = layout.split_block_name(name)
             if split is not None:
                 layer, inner = split
@@ -469,13 +474,17 @@ class TransformConstraint(Constraint):
         """Learngene tensors of one role from its dense stack (L, m, n)."""
 
     @abstractmethod
-    def decode(self, role: Role, src_shape: tuple[int, int, int], tensors: dict[str, torch.Tensor], a: Dims, b: Dims) -> torch.Tensor:
-        """The target role stack (L', m', n') = role.shape from the learngene tensors of that role."""
+    def decode(self, role: Role, src_shape: tuple[int, int, int], tensors: dict[str, torch.Tensor], a: Dims, b: Dims,
+               init: torch.Tensor) -> torch.Tensor:
+        """The target role stack (L', m', n') = role.shape from the learngene
+        tensors of that role; `init` is the target's own fresh stack (for
+        positions a method leaves at their fresh init)."""
 
     def learngene(self, model: nn.Module) -> Learngene:
         layout = Layout(model)
         roles = layout.select_roles(self.options.roles)
         self.options.roles = [r.name for r in roles]
+        self.dims = model_dims(model)  # the source's width structure, for encode
         tensors = {}
         for role in roles:
             for k, v in self.encode(role, layout.stack(model, role).float()).items():
@@ -491,7 +500,7 @@ class TransformConstraint(Constraint):
             for name, src_shape in learngene.roles.items():
                 role = layout.roles[name]
                 tensors = {k[len(name) + 1:]: v for k, v in shared.items() if k.startswith(name + "/")}
-                stack = self.decode(role, tuple(src_shape), tensors, a, b)
+                stack = self.decode(role, tuple(src_shape), tensors, a, b, layout.stack(model, role))
                 if tuple(stack.shape) != role.shape:
                     raise RuntimeError(f"{self.name}.decode returned {tuple(stack.shape)} for role {name}, expected {role.shape}")
                 for layer, mod in enumerate(layout.role_modules(model, role)):
