@@ -24,6 +24,7 @@ keeps the bank in the root unit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.metadata
@@ -382,6 +383,11 @@ class Constraint(ABC):
     # -- the rest of the contract ----------------------------------------------
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def step_context(self, model: nn.Module, step: int, seed: int = 0):
+        """Context the training loop runs each training forward in (e.g. tucker's
+        width-wise stochastic scaling); a no-op by default."""
+        return contextlib.nullcontext()
 
     def materialize(self, model: nn.Module) -> nn.Module:
         """Bake dense weights; the model leaves as a plain model (lgframe-free state_dict)."""

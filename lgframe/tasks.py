@@ -171,7 +171,8 @@ class DiffusionTask(LgTask):
 
     @override
     def training_step(self, batch, batch_idx):
-        loss = self.diffusion_loss(batch, dropout=self.recipe["diffusion"]["label_dropout"])
+        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
+            loss = self.diffusion_loss(batch, dropout=self.recipe["diffusion"]["label_dropout"])
         return self.total_loss(loss, "train")
 
     @override
@@ -280,7 +281,8 @@ class ClassificationTask(LgTask):
 
     @override
     def training_step(self, batch, batch_idx):
-        return self.step(batch, "train")
+        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
+            return self.step(batch, "train")
 
     @override
     def validation_step(self, batch, batch_idx):

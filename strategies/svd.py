@@ -76,7 +76,7 @@ def random_sigma(norms: torch.Tensor, r: int) -> torch.Tensor:
 
 @dataclass
 class SVDOptions(BaseOptions):
-    rank: int | str | dict | None = "full"  # "full" = min(m, n); an int for all roles; {role: int}
+    rank: int | str | dict | None = "full"  # "full" = min(m, n); an int for all roles; {role: int, "*": default}
     sigma_init: str = "interpolate"  # descendant sigma: interpolate | copy | random
     orthogonality: float = 0.0  # weight of ||U^T U - I||^2 + ||V^T V - I||^2 in the loss
 
@@ -100,7 +100,7 @@ class SVD(Constraint):
     def rank_of(self, role: Role) -> int:
         _, m, n = role.shape
         rank = self.options.rank
-        r = rank.get(role.name, "full") if isinstance(rank, dict) else rank
+        r = rank.get(role.name, rank.get("*", "full")) if isinstance(rank, dict) else rank
         if r in ("full", None):
             return min(m, n)
         if not (isinstance(r, int) and 1 <= r <= min(m, n)):
@@ -113,8 +113,8 @@ class SVD(Constraint):
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape
         r = self.rank_of(role)
-        if not isinstance(self.options.rank, dict):
-            self.options.rank = {}
+        if not isinstance(self.options.rank, dict):  # an int or "full" for every role -> per role
+            self.options.rank = {"*": self.options.rank}
         self.options.rank[role.name] = r
         if init == "empty":  # descend overwrites every tensor
             return {"U": torch.empty(m, r), "V": torch.empty(n, r)}, {"sigma": torch.empty(L, r)}

@@ -212,3 +212,10 @@ def test_attach_is_idempotent_and_refuses_a_second_constraint():
     n = len(model.state_dict())
     c.attach(model)
     assert len(model.state_dict()) == n
+
+
+def test_an_int_rank_applies_to_every_role():
+    model = create_model("DiT-Pico/2")
+    get_constraint({"name": "svd", "rank": 16}).attach(model)
+    ranks = {k: f["U"].shape[1] for k, f in getattr(model, BANK).factors.items()}
+    assert len(ranks) == 4 and set(ranks.values()) == {16}, ranks

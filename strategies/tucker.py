@@ -1,0 +1,549 @@
+"""tucker: SWEET (Xie et al., "Self-Supervised Weight Templates for Scalable
+Vision Model Initialization", 2025), in lgframe's reading.
+
+Per role t, the stack of its L layers W_t (L, m, n) is a Tucker tensor:
+
+    W_t = G_t x1 A_t x2 B_t x3 C_t,   i.e.   W_t^l = B_t (sum_i A_t[l, i] G_t[i]) C_t^T
+
+- G_t (p, q, s): the core, the shared weight template -> the learngene;
+- A_t (L, p): the depth scaler; row A_t[l] (p,) is layer l's own scaler;
+- B_t (m, q), C_t (n, s): the width scalers (output and input rows).
+
+No public code or full text of SWEET was reachable; the abstract names a
+"shared weight template and size-specific weight scalers under Tucker-based
+factorization" and "width-wise stochastic scaling". The paper concatenates all
+role matrices of all layers before factorizing; lgframe factorizes each role
+on its own (one core per role), like its other constraints.
+
+Where the tensors live. A_t[l] is a parameter of layer l's ConstrainedLinear
+(`A`, the per-layer scaler). G_t, B_t and C_t are shared by all layers, so they
+live in the bank at the model root (FSDP2 then keeps them in the root unit;
+a shared tensor owned by one block breaks FSDP2). B_t and C_t are nonetheless
+*scalers*: SWEET re-creates and trains the width scalers for every target
+size. So `param_groups` puts G in "learngene" and A, B, C in "scalers", the
+learngene file holds `learngene/<role>/G` and `scalers/<role>/{A,B,C}`, and a
+descendant trains A, B, C with G frozen (`freeze_learngene`).
+
+Ranks `ranks` (p, q, s), per role:
+- "layer" (default): p = L, q = s = min(m, n): every layer at full matrix rank
+  (the svd constraint's `full`). Lossless for one layer and for stacks whose
+  layers share row and column spaces (e.g. a materialized tucker model); the
+  factors cost less than the dense stack for the default roles.
+- "full": the lossless multilinear ranks (min(L, mn), min(m, Ln), min(n, Lm)).
+  Any dense stack round-trips exactly, but the core alone is as large as the
+  dense stack (DiT-Nano: 1.40x the dense model's parameters; "layer": 0.72x),
+  so it is not the default. It is `lossless_options` (conformance round trips).
+- [p, q, s]: each an int in 1..bound (the "full" value of that mode), a
+  fraction in (0, 1] of that bound (a float: 1.0 is the bound, 1 is rank one),
+  or "full"; or {role: any of these}.
+  A rank above the product of the other two adds nothing and is capped there.
+
+From dense (`attach(init="dense")`): tensorly's Tucker (HOOI from an HOSVD
+start) at those ranks; exact at "full" ranks; attach logs the relative error.
+From random: B, C random orthonormal, G Gaussian, A Gaussian with each row
+A[l] rescaled so that ||W^l||_F equals the model's own fresh dense init of
+that layer (zero-initialized roles stay zero).
+
+The forward pass keeps no dense copy: it builds the layer's core
+sum_i A[l, i] G[i] (q, s) and applies C, core and B to the activations (cheaper
+for few tokens or small ranks), or builds W^l = B core C^T first (cheaper for
+many tokens at high ranks); nothing is cached across steps.
+
+Descent to (L', m', n'): A' = A interpolated over normalized depth; B', C' =
+the rows of B, C picked by the layout's consistent width selection
+(`layout.width_index`: whole heads of q, k and v; one selection for coupled
+axes, e.g. fc1 rows and fc2 columns); G copied and frozen. Growing: new
+rows of B are random with each column's row spread (new output features are
+alive), new rows of C are zero (new input features leave the inherited
+computation untouched at step 0) -- the svd constraint's rule, measured there.
+Where a target axis is smaller than its rank (shallower than p, narrower than
+q or s), the ranks adapt losslessly: the selected factor F (d, r), d < r, is
+factored F = Q R (QR) and R is folded into the core (G x_k R), so the
+descendant's weights are *exactly* the ancestor's at the selected rows and
+columns, with d orthonormal scaler columns Q. The descendant's core then is
+G x_k R, still frozen. A same-size descent reproduces the ancestor exactly,
+and a same-depth narrower descent equals the ancestor run under `nested_width`.
+
+Width-wise stochastic scaling (ancestor training, lgframe's reading; SWEET's
+rule is not public). Option `width_ratios` (e.g. [0.5, 0.75, 1.0]; None = off).
+Each optimizer step draws one ratio uniformly from the list (the same on every
+rank: the generator is seeded by the step) and the whole model runs as its
+nested sub-network of that width: heads' = ratio * heads (must be whole),
+width' = heads' * head_dim, MLP hidden scaled alike. In that step every
+constrained layer uses only the nested rows of B and C (whole heads per
+q/k/v chunk, `layout.width_index` order), every other Linear reads only the
+nested input features, and every LayerNorm normalizes over the nested features,
+so the full-width model computes exactly the narrower model whose every
+tensor is the consistent width selection of this one -- what a same-depth
+descent builds, except for tables a descent does not inherit (the DiT's fixed
+sin-cos positions: a descendant computes its own for its width).
+`Tucker.step_context(model, step)` returns that context (a no-op when
+`width_ratios` is None or the model is in eval mode); the training loop runs
+a step's forward in it (the backward may run after the context closes: the
+graph already holds the nested computation). See `nested_width` for what it
+assumes about the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import tensorly as tl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tensorly.decomposition import tucker as tensorly_tucker
+from tensorly.tenalg import multi_mode_dot
+
+from lgframe.constraint import (
+    BANK,
+    Bank,
+    BaseOptions,
+    Constraint,
+    ConstrainedLinear,
+    attached_constraint,
+    log,
+    register_constraint,
+)
+from lgframe.errors import LgframeError
+from lgframe.layout import (
+    Dims,
+    Layout,
+    Role,
+    dims_of,
+    model_dims,
+    model_identity,
+    resample_depth,
+    select_width,
+    width_index,
+)
+
+RANK_PRESETS = ("layer", "full")
+WIDTH_SCALERS = ("B", "C")  # bank tensors that are scalers, not learngene
+
+
+# ------------------------------------------------------------------ bank
+class TuckerBank(Bank):
+    """factors[role] = {G (p, q, s), B (m, q), C (n, s)}; layer l holds A (p,)."""
+
+    def core(self, mod: ConstrainedLinear) -> torch.Tensor:
+        """Layer core sum_i A[l, i] G[i], (q, s)."""
+        return torch.tensordot(mod.A, self.of(mod)["G"], dims=1)
+
+    def weight(self, mod: ConstrainedLinear) -> torch.Tensor:
+        f = self.of(mod)
+        B, C = f["B"], f["C"]
+        nested = getattr(mod, "_lg_nested", None)
+        if nested is not None:  # rows outside the nested width are zero
+            out_idx, in_idx = nested
+            B = torch.zeros_like(B).index_copy(0, out_idx, B[out_idx])
+            C = torch.zeros_like(C).index_copy(0, in_idx, C[in_idx])
+        return (B @ self.core(mod)) @ C.T
+
+    def linear(self, mod: ConstrainedLinear, x: torch.Tensor) -> torch.Tensor:
+        f = self.of(mod)
+        B, C, bias = f["B"], f["C"], mod.bias
+        nested = getattr(mod, "_lg_nested", None)
+        if nested is not None:  # run the nested slice only (see nested_width)
+            out_idx, in_idx = nested
+            B, C, x = B[out_idx], C[in_idx], x.index_select(-1, in_idx)
+            bias = bias[out_idx] if bias is not None else None
+        core = self.core(mod)
+        (m, q), (n, s) = B.shape, C.shape
+        tokens = x.numel() // n
+        # Apply the factors to the activations when that is cheaper than building W.
+        if tokens * (n * s + s * q + q * m) < m * q * s + m * s * n + tokens * m * n:
+            y = ((x @ C) @ core.T) @ B.T
+            y = y + bias if bias is not None else y
+        else:
+            y = F.linear(x, (B @ core) @ C.T, bias)
+        if nested is not None:
+            y = y.new_zeros(*y.shape[:-1], mod.out_features).index_copy(-1, out_idx, y)
+        return y
+
+
+# ------------------------------------------------------------------ factorization
+def rank_bounds(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Largest useful (multilinear) ranks of an (L, m, n) stack: its "full" ranks."""
+    L, m, n = shape
+    return min(L, m * n), min(m, L * n), min(n, L * m)
+
+
+def tucker_decompose(stack: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Tucker form of a stack (L, m, n) at `ranks` (p, q, s) with tensorly
+    (HOOI from an HOSVD start, float64): (G, [A, B, C], relative error)."""
+    W = stack.detach().double().cpu().numpy()
+    # One BLAS thread for small stacks: with the cores busy (a data loader, a
+    # neighbour's job) OpenBLAS's spinning threads made a DiT-Pico attach 40x slower.
+    with tl.backend_context("numpy"), _blas_threads(1 if W.size < 1 << 22 else None):
+        G, factors = tensorly_tucker(W, rank=list(ranks), init="svd", n_iter_max=50)
+        err = np.linalg.norm(multi_mode_dot(G, factors) - W) / max(np.linalg.norm(W), 1e-30)
+    return torch.from_numpy(np.ascontiguousarray(G)), [torch.from_numpy(np.ascontiguousarray(f)) for f in factors], float(err)
+
+
+def _blas_threads(n: int | None):
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(n, user_api="blas")
+
+
+def random_orthonormal(rows: int, cols: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """core x_mode matrix: axis `mode` (size r) of core becomes matrix.shape[0]."""
+    return torch.movedim(torch.tensordot(matrix, core, dims=([1], [mode])), 0, mode)
+
+
+# ------------------------------------------------------------------ options
+@dataclass
+class TuckerOptions(BaseOptions):
+    ranks: str | list | dict | None = "layer"  # "layer" | "full" | [p, q, s] | {role: ...} (module docstring)
+    width_ratios: list | None = None  # width-wise stochastic scaling during ancestor training; None = off
+
+
+def _valid_rank_entry(r) -> bool:
+    if isinstance(r, bool):
+        return False
+    return r == "full" or (isinstance(r, int) and r >= 1) or (isinstance(r, float) and 0 < r <= 1)
+
+
+def _valid_ranks(r) -> bool:
+    if r is None or (isinstance(r, str) and r in RANK_PRESETS):
+        return True
+    return isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 3 and all(_valid_rank_entry(x) for x in r)
+
+
+@register_constraint
+class Tucker(Constraint):
+    name = "tucker"
+    Options = TuckerOptions
+    bank_class = TuckerBank
+    scaler_names = ("A",)
+    lossless_options = {"ranks": "full"}
+
+    def __init__(self, **options):
+        self._descent_ranks: dict[str, list[int]] = {}
+        super().__init__(**options)
+
+    def check_options(self) -> None:
+        o = self.options
+        ranks = o.ranks
+        entries = ranks.values() if hasattr(ranks, "items") else [ranks]
+        if not all(_valid_ranks(r) for r in entries):
+            raise LgframeError(
+                f"tucker option ranks={ranks!r}; valid: 'layer' (default), 'full', [p, q, s] with each an int >= 1, "
+                "a fraction in (0, 1] or 'full', or {role: any of these}"
+            )
+        if o.width_ratios is not None:
+            ratios = o.width_ratios
+            if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
+            ):
+                raise LgframeError(
+                    f"tucker option width_ratios={ratios!r}; valid: null (off) or a list of width ratios in (0, 1], "
+                    "e.g. [0.5, 0.75, 1.0]"
+                )
+
+    def ranks_of(self, role: Role) -> tuple[int, int, int]:
+        """(p, q, s) of a role from the `ranks` option; LgframeError outside 1..bound."""
+        L, m, n = role.shape
+        bounds = rank_bounds(role.shape)
+        spec = self.options.ranks
+        r = spec.get(role.name, "layer") if hasattr(spec, "items") else spec
+        if r in (None, "layer"):
+            r = [bounds[0], min(m, n), min(m, n)]
+        elif r == "full":
+            r = list(bounds)
+        out = []
+        for x, bound in zip(r, bounds):
+            if x == "full":
+                out.append(bound)
+            elif isinstance(x, float):
+                out.append(max(1, round(x * bound)))
+            else:
+                out.append(x)
+        if not all(1 <= x <= bound for x, bound in zip(out, bounds)):
+            p, q, s = bounds
+            raise LgframeError(
+                f"tucker ranks {list(r)} for role {role.name} of shape (L={L}, m={m}, n={n}): valid ranks are "
+                f"p in 1..{p}, q in 1..{q}, s in 1..{s} (each an int, a fraction in (0, 1] of that bound, or 'full'), "
+                "or 'layer' / 'full' for all three"
+            )
+        p, q, s = out
+        while p > q * s or q > p * s or s > p * q:  # a rank above the product of the other two adds nothing
+            p, q, s = min(p, q * s), min(q, p * s), min(s, p * q)
+        return p, q, s
+
+    # -- attach ---------------------------------------------------------------
+    def attach(self, model: nn.Module, layout: Layout | None = None, init: str = "random") -> nn.Module:
+        if attached_constraint(model) is None:
+            # Resolve every role's ranks first: one role's error must not leave half a model.
+            layout = layout or Layout(model)
+            roles = layout.select_roles(self.options.roles)
+            fixed = self._descent_ranks if init == "empty" else {}
+            self.options.ranks = {r.name: list(fixed.get(r.name) or self.ranks_of(r)) for r in roles}
+            for ratio in self.options.width_ratios or ():
+                nested_dims(model_dims(model), ratio)  # whole heads, or an error now (not at step 1000)
+        return super().attach(model, layout, init)
+
+    def build(self, role: Role, stack: torch.Tensor, init: str):
+        L, m, n = stack.shape
+        p, q, s = self.options.ranks[role.name]
+        if init == "empty":  # descend overwrites every tensor
+            return {"G": torch.empty(p, q, s), "B": torch.empty(m, q), "C": torch.empty(n, s)}, {"A": torch.empty(L, p)}
+        if init == "random":
+            B, C = random_orthonormal(m, q), random_orthonormal(n, s)
+            G = torch.randn(p, q, s, dtype=torch.float64) / (q * s) ** 0.5
+            A = torch.randn(L, p, dtype=torch.float64)
+            # With orthonormal B, C, ||W^l||_F = ||A[l] . G||_F: match the dense init per layer.
+            norms = stack.double().flatten(1).norm(dim=1)
+            A = A * (norms / torch.tensordot(A, G, dims=1).flatten(1).norm(dim=1).clamp_min(1e-30)).unsqueeze(1)
+            return {"G": G.float(), "B": B.float(), "C": C.float()}, {"A": A.float()}
+        G, (A, B, C), err = tucker_decompose(stack, (p, q, s))
+        log.info("tucker: role %s (L=%d, %dx%d, ranks %s) dense relative error %.2e", role.name, L, m, n, [p, q, s], err)
+        return {"G": G.float(), "B": B.float(), "C": C.float()}, {"A": A.float()}
+
+    # -- learngene --------------------------------------------------------------
+    def learngene(self, model: nn.Module):
+        """`learngene/<role>/G`; `scalers/<role>/A` (L, p), `scalers/<role>/B`, `scalers/<role>/C`."""
+        lg = super().learngene(model)
+        tensors = {}
+        for k, v in lg.tensors.items():
+            group, _, rest = k.partition("/")
+            if group == "learngene" and rest.rsplit("/", 1)[-1] in WIDTH_SCALERS:
+                k = f"scalers/{rest}"
+            tensors[k] = v
+        lg.tensors = tensors
+        return lg
+
+    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """{'learngene': G of every role, 'scalers': A per layer and B, C per role, 'free': the rest}."""
+        groups = super().param_groups(model)
+        width = {id(p) for n, p in model.named_parameters()
+                 if n.startswith(BANK + ".") and n.rsplit(".", 1)[-1] in WIDTH_SCALERS}
+        groups["scalers"] = [p for p in groups["learngene"] if id(p) in width] + groups["scalers"]
+        groups["learngene"] = [p for p in groups["learngene"] if id(p) not in width]
+        return groups
+
+    # -- descend --------------------------------------------------------------
+    def check_target(self, learngene, layout: Layout, a: Dims, b: Dims) -> None:
+        super().check_target(learngene, layout, a, b)
+        for name, (_, m, n) in learngene.roles.items():
+            keys = [f"learngene/{name}/G"] + [f"scalers/{name}/{k}" for k in ("A", "B", "C")]
+            missing = [k for k in keys if k not in learngene.tensors]
+            if missing:
+                raise LgframeError(f"tucker learngene lacks {missing} for role {name}: it was not written by this version of tucker; re-extract it from the ancestor")
+            _, m2, n2 = layout.roles[name].shape
+            for axis, src, tgt in (("rows", m, m2), ("columns", n, n2)):
+                try:
+                    width_index(src, tgt, a, b, f"{name} {axis}")
+                except LgframeError as e:
+                    raise LgframeError(f"tucker cannot descend role {name}: {e}. Widths must keep whole attention heads.") from None
+
+    def prepare_descend(self, learngene, layout: Layout, dims: Dims) -> None:
+        """Ranks of the target: the learngene's, capped by the target's (L', m', n')."""
+        self._descent_ranks = {}
+        for name in learngene.roles:
+            p, q, s = learngene.tensors[f"learngene/{name}/G"].shape
+            L2, m2, n2 = layout.roles[name].shape
+            self._descent_ranks[name] = [min(p, L2), min(q, m2), min(s, n2)]
+
+    def descend_role(self, role, src_shape, shared, scalers, current, a: Dims, b: Dims):
+        L2, m2, n2 = role.shape
+        G = shared["G"].double()
+        A, B, C = (scalers[k].double() for k in ("A", "B", "C"))
+        A2 = resample_depth(A, L2)
+        # Rows new to a wider model: random outputs, zero inputs (see the module docstring).
+        new_rows = torch.randn(m2, B.shape[1], dtype=B.dtype) * B.std(0, correction=0)
+        B2 = select_width(B, new_rows, a, b, f"{role.name} B")
+        C2 = select_width(C, torch.zeros(n2, C.shape[1], dtype=C.dtype), a, b, f"{role.name} C")
+        factors = [A2, B2, C2]
+        for mode, rank in enumerate(current["G"].shape):
+            if factors[mode].shape[1] > rank:  # axis smaller than the rank: fold R into the core, exactly
+                Q, R = torch.linalg.qr(factors[mode])
+                factors[mode], G = Q, mode_product(G, R, mode)
+        A2, B2, C2 = factors
+        return {"G": G.float(), "B": B2.float(), "C": C2.float()}, {"A": A2.float()}
+
+    def descend(self, learngene, model: nn.Module) -> nn.Module:
+        model = super().descend(learngene, model)
+        if self.options.freeze_learngene:  # the base froze the whole bank; B and C are scalers
+            for n, p in getattr(model, BANK).named_parameters():
+                if n.rsplit(".", 1)[-1] in WIDTH_SCALERS:
+                    p.requires_grad_(True)
+        return model
+
+    # -- width-wise stochastic scaling ------------------------------------------
+    def step_context(self, model: nn.Module, step: int, seed: int = 0):
+        """The context one training step runs in: the nested width drawn for
+        `step` when `width_ratios` is set and the model trains, else a no-op."""
+        if not self.options.width_ratios or not model.training:
+            return contextlib.nullcontext()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return nested_width(model, sample_width_ratio(self.options.width_ratios, g))
+
+
+# ------------------------------------------------------------------ nested widths
+def sample_width_ratio(ratios: Sequence[float], generator: torch.Generator | None = None) -> float:
+    """One ratio drawn uniformly from `ratios` (one draw per step; seed the
+    generator with the step so every rank draws the same)."""
+    return float(ratios[int(torch.randint(len(ratios), (1,), generator=generator))])
+
+
+def nested_dims(dims: Dims, ratio: float) -> Dims:
+    """Width structure of the nested sub-network at `ratio`: heads' = ratio * heads
+    (whole heads, head_dim kept), MLP hidden scaled alike."""
+    heads = ratio * dims.heads
+    h = round(heads)
+    if not 0 < ratio <= 1 or h < 1 or abs(heads - h) > 1e-6 or (dims.hidden * h) % dims.heads:
+        valid = [f"{k / dims.heads:g}" for k in range(1, dims.heads + 1) if (dims.hidden * k) % dims.heads == 0]
+        raise LgframeError(
+            f"width ratio {ratio} of width {dims.width} ({dims.heads} heads of {dims.head_dim}) gives "
+            f"{ratio * dims.width:g} features: a nested width keeps whole attention heads; "
+            f"valid ratios for this model: {', '.join(valid)}"
+        )
+    return Dims(h * dims.head_dim, h, dims.hidden * h // dims.heads)
+
+
+def nested_size(size: int, a: Dims, b: Dims) -> int:
+    """Size of a role axis of size `size` (full dims a) in the nested dims b."""
+    if size == a.hidden:
+        return b.hidden
+    if size % a.width == 0:
+        return size // a.width * b.width
+    return size
+
+
+def nested_rows(role: Role, dims: Dims, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of B (output features) and rows of C (input features) a role keeps
+    at `ratio`: (m',), (n',) indices, the layout's consistent width selection."""
+    nd = nested_dims(dims, ratio)
+    _, m, n = role.shape
+    return (width_index(m, nested_size(m, dims, nd), dims, nd, f"{role.name} rows"),
+            width_index(n, nested_size(n, dims, nd), dims, nd, f"{role.name} columns"))
+
+
+def _nested_model(model: nn.Module, heads: int) -> tuple[nn.Module, Dims]:
+    """The narrower model's module shapes (on the meta device, no memory) and dims."""
+    family, cfg = model_identity(model)
+    with torch.device("meta"):
+        if "width" in cfg:
+            from lgframe.models import model_from_config
+
+            cfg = cfg | {"width": heads * dims_of(cfg).head_dim, "heads": heads}
+            sub = model_from_config(cfg)
+        else:  # diffusers
+            cfg = {**cfg, "num_attention_heads": heads}
+            sub = type(model).from_config(cfg)
+    return sub, dims_of(cfg)
+
+
+def _nested_plan(model: nn.Module, ratio: float) -> tuple[Dims, list]:
+    """[(module path, kind, indices)] that make `model` run as its nested sub-network."""
+    dims = model_dims(model)
+    nd = nested_dims(dims, ratio)
+    spec = attached_constraint(model)
+    key = (nd.heads, spec.name if spec else None)
+    cache = model.__dict__.setdefault("_lg_nested_plans", {})
+    if key in cache:
+        return cache[key]
+    sub, nd = _nested_model(model, nd.heads)
+    subs = dict(sub.named_modules())
+    plan = []
+    for path, mod in model.named_modules():
+        if path.startswith(BANK) or path not in subs or list(mod.children()):
+            continue
+        other = subs[path]
+        if getattr(mod, "is_constrained_linear", False) and isinstance(mod._bank, TuckerBank):
+            plan.append((path, "bank", (width_index(mod.out_features, other.out_features, dims, nd, path),
+                                        width_index(mod.in_features, other.in_features, dims, nd, path))))
+        elif isinstance(mod, nn.Linear) or getattr(mod, "is_constrained_linear", False):
+            if other.in_features != mod.in_features:
+                plan.append((path, "input", width_index(mod.in_features, other.in_features, dims, nd, path)))
+        elif isinstance(mod, nn.LayerNorm):
+            if tuple(other.normalized_shape) != tuple(mod.normalized_shape):
+                plan.append((path, "norm", width_index(mod.normalized_shape[-1], other.normalized_shape[-1], dims, nd, path)))
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if other.in_channels != mod.in_channels:
+                raise LgframeError(f"nested_width cannot narrow the input channels of {type(mod).__name__} '{path}'")
+        elif not isinstance(mod, nn.Embedding):  # an embedding's width axis is its output: nothing reads past it
+            if any(tuple(p.shape) != tuple(q.shape) for p, q in zip(mod.parameters(False), other.parameters(False))):
+                raise LgframeError(
+                    f"nested_width does not know how to narrow {type(mod).__name__} '{path}'; "
+                    "it handles Linear, LayerNorm, constrained layers, convolutions and embeddings"
+                )
+    cache[key] = (nd, plan)
+    return nd, plan
+
+
+def _mask_input(mask: torch.Tensor, mod: nn.Module, args: tuple):
+    x = args[0]
+    return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+
+def _nested_norm(idx: torch.Tensor, mod: nn.LayerNorm, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    idx = idx.to(x.device)
+    w = mod.weight[idx] if mod.weight is not None else None
+    b = mod.bias[idx] if mod.bias is not None else None
+    y = F.layer_norm(x.index_select(-1, idx), (idx.numel(),), w, b, mod.eps)
+    return out.new_zeros(out.shape).index_copy(-1, idx, y)
+
+
+@contextlib.contextmanager
+def nested_width(model: nn.Module, ratio: float):
+    """Run `model` (the plain module, not a DDP wrapper) as its nested
+    sub-network of `ratio` times the width, inside the block and out:
+
+    - tucker layers use only the nested rows of B and C (and bias); their
+      other outputs are zero;
+    - every other Linear (and constrained layer of another constraint) reads
+      only the nested input features: a masked input is a masked weight column;
+    - every LayerNorm over the width normalizes over the nested features only.
+
+    Attention heads need nothing more: the nested heads are the first ones,
+    each of head_dim, and the heads outside produce only features that no
+    nested reader takes. Parameters used outside a module (position
+    embeddings, class tokens) are assumed to enter the residual stream
+    additively, as in lgframe's DiT/ViT and diffusers' DiT: their features outside the
+    nested width are never read. The result equals the narrower model whose
+    every tensor is the consistent width selection of this one (what a
+    same-depth descent builds). Only index sets are cached (per model and
+    ratio), never tensors. Yields the nested Dims. Tested in one process; under
+    DDP, enter it around the wrapped model's forward and backward.
+    """
+    dims = model_dims(model)
+    nd = nested_dims(dims, ratio)
+    if nd.heads == dims.heads:
+        yield dims
+        return
+    nd, plan = _nested_plan(model, ratio)
+    handles, nested = [], []
+    try:
+        for path, kind, idx in plan:
+            mod = model.get_submodule(path)
+            if kind == "bank":
+                device = mod.A.device
+                object.__setattr__(mod, "_lg_nested", (idx[0].to(device), idx[1].to(device)))
+                nested.append(mod)
+            elif kind == "input":
+                mask = torch.zeros(mod.in_features)
+                mask[idx] = 1.0
+                handles.append(mod.register_forward_pre_hook(partial(_mask_input, mask)))
+            else:
+                handles.append(mod.register_forward_hook(partial(_nested_norm, idx)))
+        yield nd
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in nested:
+            object.__delattr__(mod, "_lg_nested")
