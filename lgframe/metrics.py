@@ -63,7 +63,8 @@ def _train_classifier(steps: int = 600) -> DigitsClassifier:
     dm = ImageDataModule("digits", seed=0)
     dm.setup()
     x, y = dm.train_set.tensors
-    with torch.random.fork_rng(devices=[]):
+    # enable_grad: the first use may come from inside a no_grad evaluation.
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)
         model = DigitsClassifier()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)

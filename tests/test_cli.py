@@ -124,6 +124,7 @@ def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
     assert main(["learngene", str(dense), "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "name one to decompose it with, e.g. --constraint svd" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x.safetensors").exists()
-    assert main(["learngene", str(dense), "--constraint", "svd", "--out", str(tmp_path / "lg.safetensors")]) == 0
-    manifest = json.loads((tmp_path / "lg.json").read_text())
-    assert manifest["constraint"]["name"] == "svd" and manifest["model"]["ancestor_config"]["depth"] == 4
+    for name in ("svd", "dct", "dwt", "select"):
+        assert main(["learngene", str(dense), "--constraint", name, "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+        manifest = json.loads((tmp_path / f"{name}.json").read_text())
+        assert manifest["constraint"]["name"] == name and manifest["model"]["ancestor_config"]["depth"] == 4

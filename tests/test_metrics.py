@@ -42,3 +42,18 @@ def test_inception_fid_needs_a_local_weights_file(digits):
     (xt, _), _ = digits
     with pytest.raises(LgframeError, match="needs a local weights file.*eval.inception_weights"):
         inception_fid(xt[:10], xt[10:20], None)
+
+
+def test_classifier_trains_inside_no_grad():
+    """A fresh machine's first `lgframe evaluate` trains the classifier from inside
+    a no_grad evaluation: the training steps must still change the weights."""
+    import torch
+
+    from lgframe import metrics
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        init = metrics.DigitsClassifier().state_dict()
+    with torch.no_grad():
+        trained = metrics._train_classifier(steps=3).state_dict()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)

@@ -247,3 +247,18 @@ def test_vit_descendant_beats_scratch(vit_runs, method, size):
     """Measured (first-epoch cross-entropy): scratch 2.31 / 2.34, dct 1.98 / 1.74,
     dwt 1.93 / 1.08 (smaller / larger)."""
     assert vit_runs[size, method] < vit_runs[size, "scratch"] - 0.2
+
+
+def test_spectral_refinement_moves_energy_into_the_block(tmp_path):
+    """recipes/dit_digits_refine_dct.yaml on a dense checkpoint: the
+    regularizer (energy outside the kept block) falls during the phase."""
+    from lgframe.io import save_model
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    save_model(activate(create_model("DiT-Pico/2")), dense)
+    res = fit(load_recipe("dit_digits_refine_dct", [f"out_dir={tmp_path}", f"init.source={dense}", "model.name=DiT-Pico/2",
+                                                    "trainer.max_steps=30", "trainer.val_every=30", "optim.lr=3e-3", *QUIET]))
+    reg = [v for _, v in read_curve(res.run_dir, "train/regularizer")]
+    assert reg[-1] < 0.9 * reg[0]
+    assert res.learngene is not None and "learngene/mlp.fc1.weight/coef" in get_constraint("dct").learngene(res.task.model).tensors
