@@ -1,0 +1,40 @@
+"""The benchmarks' --quick modes run and write sane results (the full runs are by hand)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lgframe.constraint import TransformConstraint, constraint_class, constraint_names
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script, tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_overhead_quick(tmp_path):
+    run("overhead.py", tmp_path)
+    rows = json.loads((tmp_path / "overhead_quick.json").read_text())["rows"]
+    assert {r["constraint"] for r in rows} == set(constraint_names()) - {"scratch"}
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["constraint_ms"] > 0
+        if issubclass(constraint_class(r["constraint"]), TransformConstraint):
+            assert r["memory_ratio"] == pytest.approx(1.0)  # training stays dense: same bytes
+        else:
+            assert 0.3 < r["memory_ratio"] < 1.5, r
+    assert (tmp_path / "overhead_quick.png").stat().st_size > 1000
+
+
+def test_descent_quick(tmp_path):
+    run("descent.py", tmp_path)
+    data = json.loads((tmp_path / "descent_quick.json").read_text())
+    assert {r["constraint"] for r in data["rows"]} == set(constraint_names()) - {"scratch"}
+    for r in data["rows"]:
+        assert r["descend_smaller_seconds"] > 0 and r["descend_larger_seconds"] > 0
+        assert 0 < r["learngene_bytes"] <= r["file_bytes"]
