@@ -424,16 +424,15 @@ class Constraint(ABC):
 
 
 def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims) -> None:
-    """The `rest: select` policy: every trainable free parameter of `model` is taken from
-    the ancestor's, per-block ones interpolated over normalized depth, all of
+    """The `rest: select` policy: every free parameter of `model` is taken from
+    the ancestor's (frozen tables too: the DiT's sincos positions of another
+    width differ, and the inherited weights expect the ancestor's), per-block ones interpolated over normalized depth, all of
     them by consistent width selection (new positions keep their fresh init)."""
     rest = learngene.group("rest")
     src_depth = model_depth(learngene.ancestor_config)
     role_names = set(learngene.roles)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue  # frozen tables (the DiT's sincos positions) are the target's own
             split = layout.split_block_name(name)
             if split is not None:
                 layer, inner = split

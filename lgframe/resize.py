@@ -109,8 +109,8 @@ def resize_free(learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims,
     """Free parameters of a descendant by a per-tensor resize `tensor_fn(src,
     target_shape, chunks)`: a per-block parameter is resized as its stack over
     depth (L, ...) -> (L', ...), a global one as itself; tensors whose shape
-    does not change are copied; frozen parameters (the DiT's sincos position
-    table) keep the target's own values. The weight of a Linear whose input
+    does not change are copied. Frozen tables (the DiT's sincos positions) are
+    resized too: the resized weights expect the ancestor's table. The weight of a Linear whose input
     size changes is multiplied by `fan_in_factor`."""
 
     def factor(name: str, src_shape, tgt_shape) -> float:
@@ -125,8 +125,6 @@ def resize_free(learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims,
     per_block: dict[str, list[nn.Parameter]] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
             split = layout.split_block_name(name)
             if split is not None:
                 if split[1] not in role_names:
