@@ -38,6 +38,9 @@ from lgframe.constraint import BANK, ConstrainedLinear, get_constraint
 from lgframe.io import atomic_path, write_json
 from lgframe.models import create_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import make_step, timed  # noqa: E402  (shared with the all-constraint benchmark)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = ("DiT-Pico/2", "DiT-Nano/2", "DiT-Micro/2")
 BATCHES = (8, 128)
@@ -73,30 +76,6 @@ def factored_layers(model, batch: int) -> tuple[int, int]:
         (m, r), n = bank.of(mod)["U"].shape, bank.of(mod)["V"].shape[0]
         n_fact += tokens * (n * r + r * m) < m * r * n + tokens * m * n
     return n_fact, len(mods)
-
-
-def make_step(model, opt, batch: int):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, 11, (batch,), generator=g)
-    noise = torch.randn(batch, 1, 8, 8, generator=g)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x, t, y), noise)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def timed(step, n: int) -> float:
-    """ms per step over n consecutive steps."""
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n * 1e3
 
 
 def measure(name: str, batch: int, spec: dict, warmup: int, steps: int, repeats: int) -> dict:
