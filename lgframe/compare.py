@@ -102,6 +102,8 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
                 results.setdefault(size, {}).setdefault(name, []).append(row)
             plot_curves({n: r.curve for n, r in runs.items()}, out / f"loss_{tag}_s{seed}.png", "validation loss",
                         f"{size}, seed {seed}: descendants vs scratch")
+            if cfg.task == "diffusion" and seed == c.seeds[0]:
+                sample_rows({n: r.task for n, r in runs.items()}, out / f"samples_{tag}.png", f"{size}, after {c.steps} steps")
     summary = _summarize(results)
     write_json(out / "compare.json", {"summary": summary, "runs": results, "wall_seconds": round(time.time() - t0, 1),
                                       "recipe": {"constraints": methods(cfg), "sizes": list(c.sizes),
@@ -109,6 +111,38 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     report = out / "report.md"
     write_text(report, _markdown(cfg, summary, out, time.time() - t0))
     return report
+
+
+def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: int = 25, seed: int = 0) -> Path:
+    """One row of samples per method (classes 0..k-1, `per_class` each), the
+    same noise and guidance for every row, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lgframe.io import atomic_path
+
+    rows = {}
+    for name, task in tasks.items():
+        k = task.model.config.num_classes
+        labels = torch.arange(k).repeat_interleave(per_class)
+        rows[name] = task.sample(labels, steps=steps, seed=seed)
+    n = len(next(iter(rows.values())))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.32 + 1.2, len(rows) * 0.42 + 0.5), dpi=120, squeeze=False)
+    for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
+        strip = torch.cat([torch.nn.functional.pad((im[0] + 1) / 2, (0, 1), value=0.5) for im in imgs], dim=1)
+        ax.imshow(strip.clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{title}: samples of classes 0-9 left to right ({per_class} each), the same noise in every row", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
 
 
 def _summarize(results: dict) -> dict:
@@ -158,4 +192,6 @@ def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
                          f"{_fmt(e.get('fid_digits'), '.1f')} | {_fmt(e.get('class_accuracy'), '.3f')} |")
         tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
         lines += ["", *[f"![{size} seed {s}](loss_{tag}_s{s}.png)" for s in c.seeds], ""]
+        if cfg.task == "diffusion":
+            lines += [f"![{size} samples](samples_{tag}.png)", ""]
     return "\n".join(lines) + "\n"

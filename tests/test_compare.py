@@ -21,3 +21,8 @@ def test_compare_quick(tmp_path):
         assert table[name]["initial"] < table["scratch"]["initial"], name
     assert "| svd |" in (out / "report.md").read_text()
     assert list(out.glob("loss_*.png"))
+    grid = out / "samples_DiT-Pico_2_depth3_width96_heads3.png"
+    from PIL import Image
+
+    assert Image.open(grid).size[1] > 40 * (len(methods) + 1) / 2  # one row per method and scratch
+    assert "samples_DiT-Pico_2_depth3_width96_heads3.png" in (out / "report.md").read_text()
