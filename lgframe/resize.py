@@ -52,31 +52,43 @@ def resize(x: np.ndarray, shape: tuple[int, ...], chunks: list[int], fn: Resize1
     return x
 
 
+def _std_mean(x: np.ndarray) -> tuple[float, float]:
+    std, mean = torch.std_mean(torch.from_numpy(x), correction=0)  # multithreaded, no float64 copy
+    return float(std), float(mean)
+
+
 def standardize(x: np.ndarray) -> tuple[np.ndarray, float, float]:
-    mean, std = float(x.mean()), float(x.std())
-    return (x - mean) / (std if std > 0 else 1.0), mean, std
+    """(x - mean) / std, and the statistics."""
+    std, mean = _std_mean(x)
+    t = x.dtype.type
+    return (x - t(mean)) / t(std if std > 0 else 1.0), mean, std
 
 
 def restore(z: np.ndarray, mean: float, std: float, renormalize: bool = True) -> np.ndarray:
     """z * std + mean; with `renormalize`, z is first brought back to zero mean
     and unit std, so the result has exactly the given statistics."""
+    t = z.dtype.type
     if renormalize:
-        s = float(z.std())
-        z = (z - z.mean()) / s if s > 0 else np.zeros_like(z)
-    return z * std + mean
+        s, m = _std_mean(z)
+        if s == 0:
+            return np.full_like(z, mean)
+        return (z - t(m)) * t(std / s) + t(mean)
+    return z * t(std) + t(mean)
 
 
 def linear_resample(x: np.ndarray, axis: int, n: int) -> np.ndarray:
     """Linear interpolation along `axis` to `n` samples, end points kept
-    (position i of n maps to i (N-1)/(n-1) of the source)."""
+    (position i of n maps to i (N-1)/(n-1) of the source; n = 1 takes the middle)."""
     N = x.shape[axis]
     if N == n:
         return x
     pos = np.linspace(0, N - 1, n) if n > 1 else np.array([(N - 1) / 2.0])
     lo = np.clip(np.floor(pos).astype(int), 0, N - 1)
     hi = np.minimum(lo + 1, N - 1)
-    w = (pos - lo).reshape([-1 if d == axis else 1 for d in range(x.ndim)])
-    return np.take(x, lo, axis=axis) * (1 - w) + np.take(x, hi, axis=axis) * w
+    w = (pos - lo).astype(x.dtype).reshape([-1 if d == axis else 1 for d in range(x.ndim)])
+    a = np.take(x, lo, axis=axis)
+    a += (np.take(x, hi, axis=axis) - a) * w
+    return a
 
 
 def stack_chunks(src_shape: tuple[int, ...], tgt_shape: tuple[int, ...], a: Dims, b: Dims, what: str) -> list[int]:
@@ -137,7 +149,7 @@ def resize_free(learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims,
                 p.copy_(src)
             else:
                 chunks = [axis_chunks(s, t, a, b, name) for s, t in zip(src.shape, p.shape)]
-                out = tensor_fn(src.double().numpy(), tuple(p.shape), chunks) * factor(name, src.shape, p.shape)
+                out = tensor_fn(src.float().numpy(), tuple(p.shape), chunks) * factor(name, src.shape, p.shape)
                 p.copy_(torch.from_numpy(out).to(p.dtype))
         for inner, params in per_block.items():
             keys = [f"{layout.blocks_path}.{l}.{inner}" for l in range(src_depth)]
@@ -150,6 +162,6 @@ def resize_free(learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims,
             else:
                 chunks = stack_chunks(tuple(src.shape), shape, a, b, inner)
                 f = factor(layout.block_param_name(0, inner), src.shape, shape)
-                out = torch.from_numpy(tensor_fn(src.double().numpy(), shape, chunks) * f)
+                out = torch.from_numpy(tensor_fn(src.float().numpy(), shape, chunks) * f)
             for layer, p in enumerate(params):
                 p.copy_(out[layer].to(p.dtype))

@@ -57,8 +57,8 @@ BANDS = ("low", "high")
 def dct_resize_1d(x: np.ndarray, axis: int, n: int) -> np.ndarray:
     """Resize along one axis over the full spectrum: DCT, crop/pad, rescale, inverse."""
     N = x.shape[axis]
-    c = scipy.fft.dct(x, norm="ortho", axis=axis)
-    return scipy.fft.idct(fit(c, axis, n) * np.sqrt(n / N), norm="ortho", axis=axis)
+    c = scipy.fft.dct(x, norm="ortho", axis=axis, workers=-1)
+    return scipy.fft.idct(fit(c, axis, n) * np.float32(np.sqrt(n / N)), norm="ortho", axis=axis, workers=-1)
 
 
 def fit(c: np.ndarray, axis: int, n: int) -> np.ndarray:
@@ -137,13 +137,13 @@ class DCT(TransformConstraint):
     # -- learngene --------------------------------------------------------------
     def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
         chunks = self.chunks(role, self.dims)
-        z, mean, std = standardize(stack.double().numpy())
+        z, mean, std = standardize(stack.float().numpy())
         sizes = tuple(n // k for n, k in zip(z.shape, chunks))
         high = self.options.band == "high"
         Z = z
         for axis, (k, c) in enumerate(zip(chunks, self.kept(sizes))):
             def take(y, ax, c=c):
-                y = scipy.fft.dct(y, norm="ortho", axis=ax)
+                y = scipy.fft.dct(y, norm="ortho", axis=ax, workers=-1)
                 n = y.shape[ax]
                 return np.take(y, np.arange(n - c, n) if high else np.arange(c), axis=ax)
             Z = along(Z, axis, k, take)
@@ -152,7 +152,7 @@ class DCT(TransformConstraint):
                 "start": torch.tensor(start)}
 
     def decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:
-        Z = tensors["coef"].double().numpy()
+        Z = tensors["coef"].float().numpy()
         mean, std = tensors["stats"].tolist()
         chunks = [1] + [axis_chunks(s, t, a, b, role.name) for s, t in zip(src_shape[1:], role.shape[1:])]
         start = tensors["start"].tolist() if "start" in tensors else [0, 0, 0]
@@ -162,7 +162,7 @@ class DCT(TransformConstraint):
                     pad = [(0, 0)] * y.ndim
                     pad[ax] = (s0, 0)
                     y = np.pad(y, pad)
-                return scipy.fft.idct(fit(y, ax, n) * np.sqrt(n / N), norm="ortho", axis=ax)
+                return scipy.fft.idct(fit(y, ax, n) * np.float32(np.sqrt(n / N)), norm="ortho", axis=ax, workers=-1)
             Z = along(Z, axis, k, back)
         W = restore(Z, mean, std, self.options.renormalize) * fan_in_factor(src_shape[2], role.shape[2], self.options.fan_in_power)
         return torch.from_numpy(W).float()

@@ -100,7 +100,7 @@ class DWT(TransformConstraint):
 
     # -- learngene --------------------------------------------------------------
     def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = stack.double().numpy()
+        x = stack.float().numpy()
         chunks = stack_chunks(role.shape, role.shape, self.dims, self.dims, role.name)
         for _ in range(self.options.level):
             for axis in (1, 2):
@@ -111,7 +111,7 @@ class DWT(TransformConstraint):
         return {"band": torch.from_numpy(x).float(), "stats": torch.tensor([mean, std], dtype=torch.float64)}
 
     def decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:
-        band = tensors["band"].double().numpy()
+        band = tensors["band"].float().numpy()
         mean, std = tensors["stats"].tolist()
         chunks = [1] + [axis_chunks(s, t, a, b, role.name) for s, t in zip(src_shape[1:], role.shape[1:])]
         z = standardize(band)[0]
