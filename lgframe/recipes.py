@@ -92,6 +92,11 @@ class SampleCfg:
 
 
 @dataclass
+class MimCfg:
+    mask_ratio: float = 0.5  # fraction of patches masked per image (objective: self_supervised, ViT)
+
+
+@dataclass
 class EmaCfg:
     enabled: bool = True
     decay: float = 0.999
@@ -132,6 +137,9 @@ class Recipe:
     # path (.ckpt file, or the folder a trainer.strategy=fsdp run writes); any world size.
     resume: Optional[str] = None
     constraint: Any = "svd"  # a name, or {name: ..., option: value}
+    # supervised | self_supervised (no labels: the DiT denoises with the null
+    # class only; the ViT does masked image modeling, see `mim`).
+    objective: str = "supervised"
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -139,6 +147,7 @@ class Recipe:
     diffusion: DiffusionCfg = field(default_factory=DiffusionCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     ema: EmaCfg = field(default_factory=EmaCfg)
+    mim: MimCfg = field(default_factory=MimCfg)
     init: InitCfg = field(default_factory=InitCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)
 
@@ -218,6 +227,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+OBJECTIVES = ("supervised", "self_supervised")
+
+
 def validate(cfg: DictConfig) -> None:
     from lgframe.constraint import get_constraint
     from lgframe.models import resolve_config
@@ -247,6 +259,10 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
     if cfg.data.name not in ("digits", "shapes"):
         raise LgframeError(f"data.name={cfg.data.name!r}; valid: digits, shapes")
+    if cfg.objective not in OBJECTIVES:
+        raise LgframeError(f"objective={cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if not 0 < cfg.mim.mask_ratio < 1:
+        raise LgframeError(f"mim.mask_ratio={cfg.mim.mask_ratio}; valid: a fraction strictly between 0 and 1")
 
 
 def constraint_spec(cfg: DictConfig) -> Any:

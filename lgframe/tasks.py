@@ -60,13 +60,21 @@ class LgTask(pl.LightningModule):
             for block in Layout(self.model).blocks(self.model):
                 fully_shard(block, mesh=dp)
             fully_shard(self.model, mesh=dp)  # the root unit: bank, embeddings, head
+            for mod in self.children():
+                if mod is not self.model and any(True for _ in mod.parameters()):
+                    fully_shard(mod, mesh=dp)  # task-side parameters (a MIM decoder) sync too
             self.model._lg_sharded = True
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the task outside the model (e.g. a MIM decoder)."""
+        return []
 
     # -- optimization -------------------------------------------------------
     @override
     def configure_optimizers(self):
         o = self.recipe["optim"]
         groups = self.constraint.param_groups(self.model)
+        groups["free"] = groups["free"] + self.extra_parameters()
         lrs = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
         names = [name for name, ps in groups.items() if any(p.requires_grad for p in ps)]
         param_groups = [
@@ -172,14 +180,19 @@ class DiffusionTask(LgTask):
     @override
     def training_step(self, batch, batch_idx):
         with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
-            loss = self.diffusion_loss(batch, dropout=self.recipe["diffusion"]["label_dropout"])
+            loss = self.diffusion_loss(batch, dropout=self.label_dropout)
         return self.total_loss(loss, "train")
+
+    @property
+    def label_dropout(self) -> float:
+        # objective: self_supervised trains without labels: every step sees the null class.
+        return 1.0 if self.recipe.get("objective") == "self_supervised" else self.recipe["diffusion"]["label_dropout"]
 
     @override
     def validation_step(self, batch, batch_idx):
         # Fixed noise and timesteps per batch: validation losses compare across runs.
         g = torch.Generator().manual_seed(1000 + batch_idx)
-        self.total_loss(self.diffusion_loss(batch, generator=g), "val")
+        self.total_loss(self.diffusion_loss(batch, generator=g, dropout=float(self.label_dropout == 1.0)), "val")
 
     @torch.no_grad()
     def sample(
@@ -270,8 +283,36 @@ class ClassificationTask(LgTask):
         n = model.config.num_classes
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        # objective: self_supervised -> masked image modeling (SimMIM-style): masked
+        # patches are zeroed in the input, a linear decoder (part of the task, not the
+        # model, so learngenes and exports are unchanged) predicts their pixels.
+        self.mim_decoder = None
+        self._val_batch = 0
+        if recipe.get("objective") == "self_supervised":
+            c = model.config
+            self.mim_decoder = nn.Linear(c.width, c.patch_size**2 * c.in_channels)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.mim_decoder.parameters()) if self.mim_decoder is not None else []
+
+    def mim_loss(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """MSE on the pixels of the masked patches (a fixed mask per batch in validation)."""
+        c = self.model.config
+        p, side = c.patch_size, c.image_size // c.patch_size
+        B, n = x.shape[0], side * side
+        g = torch.Generator().manual_seed(1000 + self._val_batch) if stage == "val" else None
+        k = max(1, round(self.recipe["mim"]["mask_ratio"] * n))
+        order = torch.rand(B, n, generator=g).argsort(dim=1).to(x.device)
+        mask = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter_(1, order[:, :k], True)
+        pixel_mask = mask.view(B, 1, side, 1, side, 1).expand(B, 1, side, p, side, p).reshape(B, 1, side * p, side * p)
+        tokens = self.model.forward_tokens(x * ~pixel_mask)[:, 1:]  # (B, n, width)
+        pred = self.mim_decoder(tokens)  # (B, n, p*p*C)
+        target = x.view(B, c.in_channels, side, p, side, p).permute(0, 2, 4, 3, 5, 1).reshape(B, n, -1)
+        return F.mse_loss(pred[mask], target[mask])
 
     def step(self, batch, stage: str) -> torch.Tensor:
+        if self.mim_decoder is not None:
+            return self.total_loss(self.mim_loss(batch[0], stage), stage)
         x, y = batch
         logits = self.model(x)
         acc = self.train_acc if stage == "train" else self.val_acc
@@ -286,6 +327,7 @@ class ClassificationTask(LgTask):
 
     @override
     def validation_step(self, batch, batch_idx):
+        self._val_batch = batch_idx
         self.step(batch, "val")
 
 
