@@ -92,6 +92,13 @@ class SampleCfg:
 
 
 @dataclass
+class DistillCfg:
+    weight: float = 1.0  # weight of the match-the-teacher term
+    task_weight: float = 1.0  # weight of the task's own loss
+    temperature: float = 2.0  # ViT soft labels: KL at this temperature (times T^2)
+
+
+@dataclass
 class MimCfg:
     mask_ratio: float = 0.5  # fraction of patches masked per image (objective: self_supervised, ViT)
 
@@ -140,6 +147,11 @@ class Recipe:
     # supervised | self_supervised (no labels: the DiT denoises with the null
     # class only; the ViT does masked image modeling, see `mim`).
     objective: str = "supervised"
+    # WAVE-style distillation for any constraint: a dense model file or checkpoint
+    # whose predictions the model learns to match (DiT: noise prediction; ViT:
+    # soft labels), weighted by `distill`.
+    teacher: Optional[str] = None
+    distill: DistillCfg = field(default_factory=DistillCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -261,6 +273,10 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"data.name={cfg.data.name!r}; valid: digits, shapes")
     if cfg.objective not in OBJECTIVES:
         raise LgframeError(f"objective={cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if cfg.teacher is not None and not Path(cfg.teacher).exists():
+        raise LgframeError(f"teacher '{cfg.teacher}' does not exist; give a model .safetensors or a .ckpt written by lgframe")
+    if cfg.distill.temperature <= 0 or cfg.distill.weight < 0 or cfg.distill.task_weight < 0:
+        raise LgframeError("distill: temperature must be > 0, weight and task_weight >= 0")
     if not 0 < cfg.mim.mask_ratio < 1:
         raise LgframeError(f"mim.mask_ratio={cfg.mim.mask_ratio}; valid: a fraction strictly between 0 and 1")
 

@@ -41,6 +41,26 @@ class LgTask(pl.LightningModule):
         self.init_mode = init_mode  # how configure_model attaches: random | dense
         spec = attached_constraint(model)
         self.constraint = get_constraint(spec.to_dict() if spec else recipe["constraint"])
+        self.teacher = None
+        if recipe.get("teacher"):
+            from lgframe.io import load_model
+
+            teacher = load_model(recipe["teacher"])[0].eval().requires_grad_(False)
+            check_same_inputs(model, teacher, "teacher")
+            # Unregistered: the teacher is neither trained, nor sharded, nor saved in checkpoints.
+            object.__setattr__(self, "teacher", teacher)
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def distill(self, task_loss: torch.Tensor, student: torch.Tensor, teacher_out, stage: str) -> torch.Tensor:
+        """task_weight * task loss + weight * match-the-teacher term (logged as {stage}/distill)."""
+        d = self.recipe["distill"]
+        term = self.match_teacher(student, teacher_out)
+        self.log(f"{stage}/distill", term, on_step=stage == "train", on_epoch=stage != "train", sync_dist=stage != "train")
+        return d["task_weight"] * task_loss + d["weight"] * term
 
     @override
     def configure_model(self) -> None:
@@ -166,7 +186,7 @@ class DiffusionTask(LgTask):
         )
         self.null_class = model.config.num_classes
 
-    def diffusion_loss(self, batch, generator: torch.Generator | None = None, dropout: float = 0.0):
+    def diffusion_loss(self, batch, generator: torch.Generator | None = None, dropout: float = 0.0, stage: str | None = None):
         x, y = batch
         T = self.noise_scheduler.config.num_train_timesteps
         noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
@@ -175,12 +195,21 @@ class DiffusionTask(LgTask):
             drop = torch.rand(y.shape, device=y.device) < dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         x_t = self.noise_scheduler.add_noise(x, noise, t)
-        return F.mse_loss(self.model(x_t, t, y)[:, : x.shape[1]], noise)  # extra (sigma) channels unused
+        eps = self.model(x_t, t, y)[:, : x.shape[1]]  # extra (sigma) channels unused
+        loss = F.mse_loss(eps, noise)
+        if self.teacher is not None and stage is not None:
+            with torch.no_grad():
+                target = self.teacher(x_t, t, y)[:, : x.shape[1]]
+            loss = self.distill(loss, eps, target, stage)
+        return loss
+
+    def match_teacher(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(student, teacher)  # WAVE for a DiT: the teacher's noise prediction
 
     @override
     def training_step(self, batch, batch_idx):
         with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
-            loss = self.diffusion_loss(batch, dropout=self.label_dropout)
+            loss = self.diffusion_loss(batch, dropout=self.label_dropout, stage="train")
         return self.total_loss(loss, "train")
 
     @property
@@ -265,12 +294,15 @@ class DiffusionTask(LgTask):
         return x.clamp(-1, 1)
 
 
-def check_same_inputs(model: nn.Module, other: nn.Module) -> None:
+def check_same_inputs(model: nn.Module, other: nn.Module, what: str = "the unconditional prior") -> None:
+    """`other` takes `model`'s inputs (a teacher also its classes; a prior has its own null class)."""
     a, b = model.config, other.config
-    if getattr(b, "family", None) != "dit" or (a.image_size, a.in_channels) != (b.image_size, b.in_channels):
+    keys = ("image_size", "in_channels") + (("num_classes",) if what == "teacher" else ())
+    same = getattr(b, "family", None) == a.family and all(getattr(a, k) == getattr(b, k, None) for k in keys)
+    if not same:
         raise LgframeError(
-            f"the unconditional prior must take the same inputs as the model: model {a.family} "
-            f"{a.image_size}x{a.image_size}x{a.in_channels}, prior {getattr(b, 'family', type(other).__name__)} "
+            f"{what} must take the same inputs as the model: model {a.family} "
+            f"{a.image_size}x{a.image_size}x{a.in_channels}, {what} {getattr(b, 'family', type(other).__name__)} "
             f"{getattr(b, 'image_size', '?')}x{getattr(b, 'image_size', '?')}x{getattr(b, 'in_channels', '?')}"
         )
 
@@ -318,7 +350,18 @@ class ClassificationTask(LgTask):
         acc = self.train_acc if stage == "train" else self.val_acc
         acc(logits, y)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=stage == "train", on_epoch=stage != "train")  # torchmetrics syncs itself
-        return self.total_loss(F.cross_entropy(logits, y), stage)
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is not None and stage == "train":
+            with torch.no_grad():
+                target = self.teacher(x)
+            loss = self.distill(loss, logits, target, stage)
+        return self.total_loss(loss, stage)
+
+    def match_teacher(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Soft labels (WAVE for a ViT): T^2 * KL(teacher || student) at temperature T."""
+        T = self.recipe["distill"]["temperature"]
+        return F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
+                        reduction="batchmean") * T * T
 
     @override
     def training_step(self, batch, batch_idx):
