@@ -198,7 +198,7 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     from lgframe.demo import run_demo
 
-    report = run_demo(Path(args.out), steps=args.steps, descendant_steps=args.descendant_steps)
+    report = run_demo(Path(args.out), steps=args.steps, descendant_steps=args.descendant_steps, constraint=args.constraint)
     print(f"report: {report}")
     return 0
 
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="lgframe_demo")
     s.add_argument("--steps", type=int, default=800, help="ancestor training steps")
     s.add_argument("--descendant-steps", type=int, default=300, help="steps for each descendant and scratch model")
+    s.add_argument("--constraint", default="svd", help="the ancestor's constraint (any registered name; see `lgframe list`)")
     s.set_defaults(func=cmd_demo)
     return p
 

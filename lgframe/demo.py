@@ -1,6 +1,7 @@
 """`lgframe demo`: the whole chain on the embedded digits, with a report.
 
-1. pretrain a DiT-Nano/2 ancestor (depth 6, width 128) under svd (FINE);
+1. pretrain a DiT-Nano/2 ancestor (depth 6, width 128) under a constraint
+   (`--constraint`, default svd (FINE); any registered name works);
 2. extract its learngene;
 3. descend to a smaller (DiT-Pico/2: depth 4, width 64) and a larger
    (DiT-Micro/2: depth 8, width 192) DiT;
@@ -27,11 +28,16 @@ def _fmt_steps(s: int | None) -> str:
     return "not reached" if s is None else str(s)
 
 
-def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0) -> Path:
+def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0, constraint: str = "svd",
+             overrides: list[str] | None = None) -> Path:
+    """`overrides` (key=value) apply to every run, e.g. sample.n=10 for a fast check."""
+    from lgframe.constraint import constraint_class
+
     out = Path(out)
     t0 = time.time()
-    common = [f"out_dir={out}", f"seed={seed}"]
-    anc = fit(load_recipe("dit_digits_pretrain", common + ["name=ancestor", f"trainer.max_steps={steps}"]))
+    cname = constraint_class(constraint).name  # an unknown name fails here, before any training
+    common = [f"out_dir={out}", f"seed={seed}", *(overrides or [])]
+    anc = fit(load_recipe("dit_digits_pretrain", common + ["name=ancestor", f"trainer.max_steps={steps}", f"constraint={cname}"]))
     lg = Learngene.load(anc.learngene)
     anc_bytes = sum(p.numel() * p.element_size() for p in anc.task.model.parameters())
     val_every = max(10, descendant_steps // 10)
@@ -40,11 +46,12 @@ def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int
         base = common + [f"model.name={size}", f"trainer.max_steps={descendant_steps}", f"trainer.val_every={val_every}",
                          f"init.unfreeze_at={descendant_steps // 2}"]
         runs[label] = {
-            "svd descendant": fit(load_recipe("dit_digits_descend", base + [f"name={label}_svd", f"init.source={anc.learngene}"])),
+            f"{cname} descendant": fit(load_recipe("dit_digits_descend", base + [
+                f"name={label}_{cname}", f"constraint={cname}", f"init.source={anc.learngene}"])),
             "scratch": fit(load_recipe("dit_digits_descend", base + [f"name={label}_scratch", "constraint=scratch"])),
         }
         plot_curves({k: r.curve for k, r in runs[label].items()}, out / f"loss_{label}.png", "validation loss",
-                    f"{size}: svd descendant vs scratch")
+                    f"{size}: {cname} descendant vs scratch")
     wall = time.time() - t0
 
     rows = []
@@ -65,19 +72,20 @@ Wall time: {wall:.0f} s.
 
 ## Ancestor
 
-DiT-Nano/2 (depth 6, width 128) under `svd` (FINE), {steps} steps:
+DiT-Nano/2 (depth 6, width 128) under `{cname}`, {steps} steps:
 validation loss {anc.initial_loss:.4f} at step 0 -> {anc.final_loss:.4f}.
 
 | learngene file part | bytes | share of the ancestor's {anc_bytes:,} parameter bytes |
 |---|---|---|
-| learngene (U, V of each role: shared by all layers and sizes) | {lgb:,} | {lgb / anc_bytes:.1%} |
-| scalers (sigma per layer) | {lg.bytes('scalers'):,} | {lg.bytes('scalers') / anc_bytes:.1%} |
+| learngene (shared by all layers and sizes) | {lgb:,} | {lgb / anc_bytes:.1%} |
+| scalers (per layer) | {lg.bytes('scalers'):,} | {lg.bytes('scalers') / anc_bytes:.1%} |
 | rest (free parameters, for `rest: select`) | {lg.bytes('rest'):,} | {lg.bytes('rest') / anc_bytes:.1%} |
 
 ## Descendants vs scratch ({descendant_steps} steps each, same data and seed)
 
-The descendant trains sigma and the free parameters with U, V frozen for
-{descendant_steps // 2} steps, then everything. "Steps to reach" counts
+The descendant trains its scalers and the free parameters with the learngene
+frozen for {descendant_steps // 2} steps, then everything (training-free
+constraints train everything from the start). "Steps to reach" counts
 validation checks every {val_every} steps (0 = already there at initialization).
 
 | model | init | parameters | val loss step 0 | val loss final | steps to scratch's final | steps to ancestor's final ({anc.final_loss:.4f}) |

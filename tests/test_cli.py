@@ -128,3 +128,14 @@ def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
         assert main(["learngene", str(dense), "--constraint", name, "--out", str(tmp_path / f"{name}.safetensors")]) == 0
         manifest = json.loads((tmp_path / f"{name}.json").read_text())
         assert manifest["constraint"]["name"] == name and manifest["model"]["ancestor_config"]["depth"] == 4
+
+
+def test_demo_takes_any_constraint(tmp_path):
+    from lgframe.demo import run_demo
+
+    run_demo(tmp_path, steps=10, descendant_steps=10, constraint="kronecker",
+             overrides=["sample.n=10", "sample.steps=4", "trainer.progress=false"])
+    report = (tmp_path / "report.md").read_text()
+    assert "under `kronecker`" in report and "| kronecker descendant |" in report
+    assert main(["demo", "--out", str(tmp_path / "x"), "--constraint", "kronekcer"]) == 1  # fails before training
+    assert not (tmp_path / "x" / "ancestor").exists()

@@ -1,6 +1,5 @@
 """kronecker (WeiT / WAVE): templates, scalers, Van Loan-Pitsianis, descent."""
 
-import numpy as np
 import pytest
 import torch
 from helpers import activate
@@ -10,7 +9,7 @@ from lgframe.errors import LgframeError
 from lgframe.layout import Layout
 from lgframe.models import create_model
 from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.run import fit
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false"]
 
@@ -94,25 +93,3 @@ def test_weit_pretraining_loss_falls(tmp_path):
                                                             "trainer.max_steps=60", "trainer.val_every=60", *QUIET]))
     assert res.final_loss < 0.8 * res.initial_loss
     assert res.learngene is not None
-
-
-@pytest.fixture(scope="module")
-def ancestor(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kron")
-    res = fit(load_recipe("dit_digits_pretrain_kronecker", [f"out_dir={out}", "name=anc", "model.name=DiT-Pico/2",
-                                                            "trainer.max_steps=200", "trainer.val_every=200", *QUIET]))
-    return res, out
-
-
-@pytest.mark.parametrize("size", [["model.depth=3"], ["model.depth=6", "model.width=96", "model.heads=3"]],
-                         ids=["shallower", "deeper-wider"])
-def test_descendant_beats_scratch(ancestor, size):
-    res, out = ancestor
-    common = [f"out_dir={out}", "model.name=DiT-Pico/2", *size, "trainer.max_steps=11", "trainer.val_every=11", "seed=3", *QUIET]
-    child = fit(load_recipe("dit_digits_descend", common + ["name=child", "constraint=kronecker", f"init.source={res.learngene}"]))
-    scratch = fit(load_recipe("dit_digits_descend", common + ["name=scratch", "constraint=scratch"]))
-
-    def first_epoch(r):
-        return float(np.mean([v for _, v in read_curve(r.run_dir, "train/loss")][: 1437 // 128]))
-
-    assert first_epoch(child) < first_epoch(scratch) - 0.1, (first_epoch(child), first_epoch(scratch))
