@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per descendant (default 3)")
+    ap.add_argument("--families", default="dit,vit", help="comma-separated: dit, vit")
     args = ap.parse_args()
     methods = [n for n in constraint_names() if n != "scratch"]
     q = args.quick
@@ -45,11 +47,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         for family, (anc, desc, model, sizes) in setups.items():
+            if family not in args.families.split(","):
+                continue
             cfg = load_recipe("compare_digits", [
                 f"task={'diffusion' if family == 'dit' else 'classification'}", f"model.name={model}",
                 f"out_dir={work}", f"name=init_quality_{family}", "trainer.progress=false",
                 f"compare.constraints=[{','.join(methods)}]", f"compare.sizes=[{','.join(sizes)}]",
-                f"compare.seeds={[0] if q else [0, 1, 2]}", f"compare.steps={20 if q else 300}",
+                f"compare.seeds={[0] if q else list(range(args.seeds))}", f"compare.steps={20 if q else 300}",
                 f"compare.ancestor_steps={60 if q else 800}", f"compare.ancestor_recipe={anc}",
                 f"compare.descendant_recipe={desc}",
             ])
@@ -64,7 +68,7 @@ def main() -> None:
             summary[family] = table
     out = Path(args.out)
     stem = "init_quality_quick" if q else "init_quality"
-    write_json(out / f"{stem}.json", {"summary": summary, "methods": methods, "quick": q})
+    write_json(out / f"{stem}.json", {"summary": summary, "methods": methods, "quick": q, "seeds": 1 if q else args.seeds})
     plot(summary, out / f"{stem}.png")
     for family, table in summary.items():
         for size, rows in table.items():
