@@ -350,7 +350,10 @@ class Tucker(Constraint):
                     raise LgframeError(f"tucker cannot descend role {name}: {e}. Widths must keep whole attention heads.") from None
 
     def prepare_descend(self, learngene, layout: Layout, dims: Dims) -> None:
-        """Ranks of the target: the learngene's, capped by the target's (L', m', n')."""
+        """Ranks of the target: the learngene's, capped by the target's (L', m', n').
+        Width-wise stochastic scaling belongs to ancestor pre-training: a
+        descendant trains at its own width (width_ratios off)."""
+        self.options.width_ratios = None
         self._descent_ranks = {}
         for name in learngene.roles:
             p, q, s = learngene.tensors[f"learngene/{name}/G"].shape
