@@ -57,10 +57,13 @@ def weights(path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    return out, {c: one_process(out, f"one_{c}", c, 4, *SGD) for c in ("svd", "scratch")}
+    return out, {c: one_process(out, f"one_{c}", c, 4, *SGD) for c in DDP_CONSTRAINTS}
 
 
-@pytest.mark.parametrize("constraint", ["svd", "scratch"])
+DDP_CONSTRAINTS = ("svd", "scratch", "kronecker", "tucker")
+
+
+@pytest.mark.parametrize("constraint", DDP_CONSTRAINTS)
 def test_ddp_two_processes_match_one(reference, constraint):
     out, ref = reference
     cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", f"name=ddp_{constraint}", f"constraint={constraint}",
@@ -68,9 +71,11 @@ def test_ddp_two_processes_match_one(reference, constraint):
     curve = read_curve(out / f"ddp_{constraint}", "val/loss")
     ref_curve = ref[constraint].curve
     assert [s for s, _ in curve] == [s for s, _ in ref_curve] == [0, 4]
-    assert abs(curve[0][1] - ref_curve[0][1]) < 1e-4  # one init at any world size
+    # validation: the DistributedSampler pads 359 items to 360 (one counted twice),
+    # which moves the mean by up to ~4e-4 when the init's losses vary per item;
+    # the weights after 4 steps (below) are the exact check of one init.
+    assert abs(curve[0][1] - ref_curve[0][1]) < 1e-3
     assert abs(ref_curve[-1][1] - ref_curve[0][1]) > 1e-2  # it trained
-    # validation: the DistributedSampler pads 359 items to 360 (one counted twice)
     assert abs(curve[-1][1] - ref_curve[-1][1]) < 1e-3
     assert rel_diff(weights(out / f"ddp_{constraint}/checkpoints/last.ckpt"), weights(ref[constraint].checkpoint)) < 1e-5
     if constraint == "svd":  # the shared bank is one tensor per role, reduced once
