@@ -16,6 +16,7 @@ Writes benchmarks/results/descent.json and descent.png.
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -61,14 +62,31 @@ def measure(name: str, ancestor: str, repeats: int) -> dict:
     return row
 
 
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """Existing rows of `path` with those of the re-measured constraints replaced (order kept)."""
+    import json
+
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {r["constraint"] for r in rows}
+    keep = [r for r in old if r["constraint"] not in new]
+    return sorted(keep + rows, key=lambda r: tuple(str(r[k]) for k in ('ancestor',)) + (r["constraint"],))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", default=None, help="comma-separated constraints to (re)measure; their rows replace "
+                                                 "those in the existing results, the others are kept")
     args = ap.parse_args()
     ancestors = ["DiT-Nano/2"] if args.quick else list(SIZES)
     names = [n for n in constraint_names() if n != "scratch"]
+    if args.only:
+        unknown = sorted(set(args.only.split(",")) - set(names))
+        if unknown:
+            sys.exit(f"--only: unknown constraint(s) {unknown}; registered: {', '.join(names)}")
+        names = args.only.split(",")
     rows = []
     for anc in ancestors:
         for name in names:
@@ -78,6 +96,7 @@ def main() -> None:
                   f"ancestor)  descend smaller {r['descend_smaller_seconds']:.3f} s  larger {r['descend_larger_seconds']:.3f} s")
     out = Path(args.out)
     stem = "descent_quick" if args.quick else "descent"
+    rows = merged(Path(args.out) / f"{stem}.json", rows) if args.only else rows
     write_json(out / f"{stem}.json", {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()})
     plot(rows, out / f"{stem}.png")
 

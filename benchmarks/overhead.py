@@ -156,14 +156,31 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """Existing rows of `path` with those of the re-measured constraints replaced (order kept)."""
+    import json
+
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    new = {r["constraint"] for r in rows}
+    keep = [r for r in old if r["constraint"] not in new]
+    return sorted(keep + rows, key=lambda r: tuple(str(r[k]) for k in ('model', 'batch')) + (r["constraint"],))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="DiT-Pico/2 only, few steps; writes overhead_quick.*")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--only", default=None, help="comma-separated constraints to (re)measure; their rows replace "
+                                                 "those in the existing results, the others are kept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in constraint_names() if n != "scratch"]
+    if args.only:
+        unknown = sorted(set(args.only.split(",")) - set(names))
+        if unknown:
+            sys.exit(f"--only: unknown constraint(s) {unknown}; registered: {', '.join(names)}")
+        names = args.only.split(",")
     if args.quick:
         grid = [("DiT-Pico/2", 32, 1, 2, 3)]
     else:
@@ -177,6 +194,7 @@ def main() -> None:
                   f"  ratio {r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})  memory ratio {r['memory_ratio']:.3f}",
                   flush=True)
     stem = "overhead_quick" if args.quick else "overhead"
+    rows = merged(Path(args.out) / f"{stem}.json", rows) if args.only else rows
     out = Path(args.out)
     write_json(out / f"{stem}.json", {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
                                       "rows": rows})
