@@ -68,7 +68,12 @@ def main() -> None:
             summary[family] = table
     out = Path(args.out)
     stem = "init_quality_quick" if q else "init_quality"
-    write_json(out / f"{stem}.json", {"summary": summary, "methods": methods, "quick": q, "seeds": 1 if q else args.seeds})
+    path = out / f"{stem}.json"
+    if path.exists():  # a run of some families keeps the others' results
+        import json
+
+        summary = json.loads(path.read_text()).get("summary", {}) | summary
+    write_json(path, {"summary": summary, "methods": methods, "quick": q, "seeds": 1 if q else args.seeds})
     plot(summary, out / f"{stem}.png")
     for family, table in summary.items():
         for size, rows in table.items():
