@@ -186,6 +186,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_decompose(args) -> int:
+    from lgframe.io import load_model, save_model
+    from lgframe.strategies.kind import decompose
+
+    if (args.classes is None) == (not args.learngene_only):
+        raise LgframeError("decompose: give either --classes 0,3,7 or --learngene-only")
+    try:
+        classes = [] if args.learngene_only else [int(c) for c in args.classes.split(",") if c.strip()]
+    except ValueError:
+        raise LgframeError(f"--classes {args.classes!r}: expected comma-separated class ids, e.g. 0,3,7") from None
+    model, _ = load_model(args.checkpoint)
+    small = decompose(model, classes)
+    save_model(small, args.out)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+    kept = ", ".join(map(str, classes)) or "none (learngene only)"
+    print(f"wrote {args.out}: tailors of classes {kept}; {after:,} parameters, {after / before:.1%} of {before:,}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from lgframe.compare import run_compare
     from lgframe.recipes import load_recipe
@@ -269,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help=".ckpt, model .safetensors or fsdp checkpoint folder")
     s.add_argument("--out", required=True, help="output folder (DiTTransformer2DModel.save_pretrained)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("decompose", help="a kind model -> its learngene plus the tailors of some classes (a smaller model)")
+    s.add_argument("checkpoint", help=".ckpt or model .safetensors of a model trained under constraint kind")
+    s.add_argument("--classes", default=None, help="comma-separated class ids whose tailors to keep, e.g. 0,3,7")
+    s.add_argument("--learngene-only", action="store_true", help="keep the class-agnostic learngene components only")
+    s.add_argument("--out", required=True, help="model file (.safetensors) for sample/evaluate/train")
+    s.set_defaults(func=cmd_decompose)
 
     s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
     s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")
