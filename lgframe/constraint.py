@@ -230,7 +230,7 @@ class Constraint(ABC):
             return model
         layout = layout or Layout(model)
         roles = layout.select_roles(self.options.roles)
-        bank = self.bank_class()
+        bank = self.make_bank(model)
         built = {}
         for role in roles:
             stack = torch.empty(role.shape) if init == "empty" else layout.stack(model, role)
@@ -247,6 +247,10 @@ class Constraint(ABC):
         self.options.roles = [r.name for r in roles]
         setattr(model, SPEC_ATTR, self.spec.to_dict())
         return model
+
+    def make_bank(self, model: nn.Module) -> Bank:
+        """The (empty) bank attach fills; override when it needs the model (e.g. kind's class layout)."""
+        return self.bank_class()
 
     @abstractmethod
     def build(self, role: Role, stack: torch.Tensor, init: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -194,6 +194,7 @@ class KindOptions(BaseOptions):
 class Kind(Constraint):
     name = "kind"
     Options = KindOptions
+    bank_class = KindBank
     scaler_names = ("sG", "sT")
     lossless_options = {"learngene_rank": "full"}
 
@@ -237,7 +238,6 @@ class Kind(Constraint):
         o.classes = [int(c) for c in o.classes]
         if o.classes and (C is None or max(o.classes) >= C):
             raise LgframeError(f"kind option classes={o.classes}: the model has {C or 0} classes (valid ids 0..{(C or 1) - 1})")
-        self._bank_args = (C, o.classes, o.tailor_rank, o.gate, label_argument(model))
         if not isinstance(o.learngene_rank, dict):
             o.learngene_rank = {"*": o.learngene_rank}
         super().attach(model, layout, init)
@@ -245,10 +245,9 @@ class Kind(Constraint):
             model.register_forward_pre_hook(capture_labels, with_kwargs=True)
         return model
 
-    @property
-    def bank_class(self):  # the bank needs the class layout: bind it
-        args = self._bank_args
-        return lambda: KindBank(*args)
+    def make_bank(self, model: nn.Module) -> KindBank:
+        o = self.options
+        return KindBank(num_classes_of(model), o.classes, o.tailor_rank, o.gate, label_argument(model))
 
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape

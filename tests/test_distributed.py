@@ -149,3 +149,16 @@ def test_dit_xl_fsdp_recipe_builds_on_the_meta_device():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     assert isinstance(make_strategy(cfg.trainer), ModelParallelStrategy)
+
+
+def test_ddp_runs_a_class_gated_dit(tmp_path):
+    """kind on a DiT under DDP: the class labels reach the gate on every rank through the
+    model's forward (no unused-parameter error although each batch misses some classes'
+    tailors), and the run writes a learngene with every class's tailors."""
+    cli("pretrain", "dit_digits_pretrain_kind", f"out_dir={tmp_path}", "name=kind", "model.name=DiT-Pico/2",
+        "trainer.max_steps=4", "trainer.val_every=4", "trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=16",
+        "trainer.accelerator=cpu", "trainer.progress=false", "ema.enabled=false", "sample.n=10", "sample.steps=2", cwd=tmp_path)
+    lg = Learngene.load(tmp_path / "kind/learngene.safetensors", constraint="kind")
+    assert lg.options["classes"] == list(range(10))
+    assert all(torch.isfinite(v).all() for v in lg.tensors.values())
+    assert lg.tensors["learngene/mlp.fc1.weight/UT"].shape[1] == 20
