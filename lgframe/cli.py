@@ -205,6 +205,18 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_personalize(args) -> int:
+    from lgframe.personalize import run_personalize
+    from lgframe.recipes import load_recipe
+
+    res = run_personalize(load_recipe(args.recipe, args.overrides))
+    mem = res.memory["total"] / 2**20
+    print(f"run directory: {res.run_dir}")
+    print(f"held-out validation loss: {res.val_curve[0][1]:.4f} at step 0 -> {res.val_curve[-1][1]:.4f} at step {res.val_curve[-1][0]}")
+    print(f"LoRA: {res.lora}; samples: {res.samples}; report: {res.report}; counted step memory {mem:.2f} MiB")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from lgframe.compare import run_compare
     from lgframe.recipes import load_recipe
@@ -295,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--learngene-only", action="store_true", help="keep the class-agnostic learngene components only")
     s.add_argument("--out", required=True, help="model file (.safetensors) for sample/evaluate/train")
     s.set_defaults(func=cmd_decompose)
+
+    s = sub.add_parser("personalize", help="DiT-BlockSkip: LoRA personalization of a pretrained DiT on a few subject images")
+    s.add_argument("recipe", help="recipe with a `personalize:` section, e.g. recipes/dit_personalize_shapes.yaml")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(func=cmd_personalize)
 
     s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
     s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")

@@ -135,6 +135,24 @@ class CompareCfg:
 
 
 @dataclass
+class PersonalizeCfg:
+    """`lgframe personalize`: DiT-BlockSkip LoRA personalization (see lgframe/personalize.py)."""
+
+    base: Optional[str] = None  # pretrained DiT: model file or checkpoint
+    subject: str = "shapes:3"  # shapes:K (generated shapes of class K) or a folder of images
+    n_images: int = 8  # training images of the subject
+    val_images: int = 4  # held-out subject images (validation loss at full resolution)
+    image_size: int = 16  # s_max: the subject images' side, and the sampling resolution
+    s_min: Optional[int] = None  # training resolution; None = the base model's image_size
+    patch_sampling: bool = True  # crop side s(t) from s_min to s_max by timestep; off: resize to s_min
+    skip_front: int = 0  # first n blocks: frozen, run without gradients
+    skip_back: int = 0  # last m blocks: replaced by the frozen base's residual delta
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    samples: int = 16  # samples of the subject in the report
+
+
+@dataclass
 class Recipe:
     task: str = "diffusion"  # diffusion | classification
     name: str = "run"
@@ -162,6 +180,7 @@ class Recipe:
     mim: MimCfg = field(default_factory=MimCfg)
     init: InitCfg = field(default_factory=InitCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)
+    personalize: PersonalizeCfg = field(default_factory=PersonalizeCfg)
 
 
 def _schema_node(path: list[str]):
