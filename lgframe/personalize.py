@@ -10,8 +10,11 @@ base weights frozen. Two memory savers, each a recipe switch:
 t, a random square crop of side s(t) = s_min + (t / (T - 1)) (s_max - s_min),
 rounded, is taken from the full-resolution image (side s_max) and resized to
 s_min (area averaging), so the token count is always that of s_min: wide crops
-at high noise (global structure), tight crops at low noise (detail). Off: the
-whole image resized to s_min. With s_min = s_max and no skipping this is plain
+at high noise (global structure), tight crops at low noise (detail). With
+`patch_positions: crop` (default) each token keeps the sin-cos position of
+the place it covers in the full-resolution grid (fractional for a resized
+crop), so the model sees where a crop comes from; `grid` gives every crop the
+positions of an s_min image. Off: the whole image resized to s_min. With s_min = s_max and no skipping this is plain
 LoRA fine-tuning at full resolution.
 
 **Block skipping with a residual cache** (`skip_front` n, `skip_back` m): of L
@@ -67,8 +70,9 @@ def crop_side(t: torch.Tensor, num_timesteps: int, s_min: int, s_max: int) -> to
 
 
 def patch_batch(x: torch.Tensor, t: torch.Tensor, num_timesteps: int, s_min: int, s_max: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per sample a random crop of side s(t) from x (B, C, s_max, s_max), resized to s_min."""
+                generator: torch.Generator | None = None, boxes: list | None = None) -> torch.Tensor:
+    """Per sample a random crop of side s(t) from x (B, C, s_max, s_max), resized to s_min.
+    `boxes`, when given, receives each crop's (top, left, side) in pixels."""
     if x.shape[-1] != s_max or x.shape[-2] != s_max:
         raise LgframeError(f"patch sampling: images are {tuple(x.shape[-2:])}, expected {s_max}x{s_max} (s_max)")
     sides = crop_side(t.cpu(), num_timesteps, s_min, s_max)
@@ -77,7 +81,34 @@ def patch_batch(x: torch.Tensor, t: torch.Tensor, num_timesteps: int, s_min: int
         i, j = (int(torch.randint(0, s_max - s + 1, (1,), generator=generator)) for _ in range(2))
         crop = img[:, i:i + s, j:j + s].unsqueeze(0)
         out.append(crop if s == s_min else F.interpolate(crop, size=(s_min, s_min), mode="area"))
+        if boxes is not None:
+            boxes.append((i, j, s))
     return torch.cat(out)
+
+
+def sincos_at(dim: int, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """DiT's 2-D sin-cos embedding (lgframe.dit.sincos_pos_embed) at fractional grid coordinates."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1).double() * omega.reshape(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([emb(gx), emb(gy)], dim=1).float()
+
+
+def crop_positions(dim: int, patch: int, s_min: int, boxes: list) -> torch.Tensor:
+    """(B, (s_min/patch)^2, dim): each token's position in the full-resolution patch grid
+    (the centre of the pixels it covers), so a crop keeps the positions of its place."""
+    g = s_min // patch
+    centre = (torch.arange(g, dtype=torch.float64) + 0.5) * patch  # token centres in the s_min crop, pixels
+    out = []
+    for top, left, side in boxes:
+        scale = side / s_min
+        ys, xs = (top + centre * scale) / patch - 0.5, (left + centre * scale) / patch - 0.5
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        out.append(sincos_at(dim, gy, gx))
+    return torch.stack(out)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -168,14 +199,16 @@ def pos_embed(model: DiT, size: int, device) -> torch.Tensor:
     return _POS[key].to(device)
 
 
-def dit_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, front: int = 0, back: int = 0) -> torch.Tensor:
-    """The DiT at any resolution, with block skipping (see the module docstring).
-    front = back = 0: exactly the model's own forward (at its own resolution)."""
+def dit_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, front: int = 0, back: int = 0,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+    """The DiT at any resolution, with block skipping (see the module docstring) and,
+    optionally, per-sample token positions `pos` (B, N, width) (patch sampling's crops).
+    front = back = 0 and no `pos`: exactly the model's own forward (at its own resolution)."""
     blocks = model.blocks
     first, middle, last = block_ranges(len(blocks), front, back)
     c = model.t_embedder(t) + model.y_embedder(y)
     with torch.no_grad() if front else contextlib.nullcontext():
-        h = model.x_embedder(x) + pos_embed(model, x.shape[-1], x.device)
+        h = model.x_embedder(x) + (pos_embed(model, x.shape[-1], x.device) if pos is None else pos.to(x.device))
         for i in first:
             h = blocks[i](h, c)
     h = h.detach() if front else h
@@ -254,6 +287,9 @@ class PersonalizeTask(DiffusionTask):
         self.s_max = p["image_size"]
         self.s_min = p["s_min"] or model.config.image_size
         self.patch = p["patch_sampling"]
+        self.positions = p["patch_positions"]
+        if self.positions not in ("crop", "grid"):
+            raise LgframeError(f"personalize.patch_positions={self.positions!r}; valid: crop, grid")
         block_ranges(len(model.blocks), self.front, self.back)
         if self.s_min > self.s_max:
             raise LgframeError(f"s_min={self.s_min} > image_size (s_max) {self.s_max}")
@@ -264,18 +300,28 @@ class PersonalizeTask(DiffusionTask):
         table.register_hook(lambda g: g * mask.to(g.device, g.dtype))
 
     def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """(x_t, t, noise, pos): the noisy (cropped) inputs at s_min and, for crops with
+        `patch_positions: crop`, each token's position in the full-resolution grid."""
         T = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
-        x = patch_batch(x0, t, T, self.s_min, self.s_max, generator) if self.patch else resize(x0, self.s_min)
+        pos = None
+        if self.patch:
+            boxes: list = []
+            x = patch_batch(x0, t, T, self.s_min, self.s_max, generator, boxes)
+            if self.positions == "crop":
+                cfg = self.model.config
+                pos = crop_positions(cfg.width, cfg.patch_size, self.s_min, boxes).to(x.device)
+        else:
+            x = resize(x0, self.s_min)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
-        return self.noise_scheduler.add_noise(x, noise, t), t, noise
+        return self.noise_scheduler.add_noise(x, noise, t), t, noise, pos
 
     @override
     def training_step(self, batch, batch_idx):
         (x0,) = batch
-        x_t, t, noise = self.training_inputs(x0)
+        x_t, t, noise, pos = self.training_inputs(x0)
         y = torch.full((x0.shape[0],), self.subject, device=x0.device)
-        eps = dit_forward(self.model, x_t, t, y, self.front, self.back)
+        eps = dit_forward(self.model, x_t, t, y, self.front, self.back, pos)
         return self.total_loss(F.mse_loss(eps, noise), "train")
 
     @override
@@ -399,10 +445,10 @@ def step_memory(task: PersonalizeTask, x0: torch.Tensor) -> dict:
     model = task.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
-    x_t, t, noise = task.training_inputs(x0, g)
+    x_t, t, noise, pos = task.training_inputs(x0, g)
     y = torch.full((x0.shape[0],), task.subject)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.mse_loss(dit_forward(model, x_t, t, y, task.front, task.back), noise)
+        loss = F.mse_loss(dit_forward(model, x_t, t, y, task.front, task.back, pos), noise)
     grads = torch.autograd.grad(loss, trainable)
     p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g_bytes = sum(gr.numel() * gr.element_size() for gr in grads)

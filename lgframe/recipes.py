@@ -145,6 +145,7 @@ class PersonalizeCfg:
     image_size: int = 16  # s_max: the subject images' side, and the sampling resolution
     s_min: Optional[int] = None  # training resolution; None = the base model's image_size
     patch_sampling: bool = True  # crop side s(t) from s_min to s_max by timestep; off: resize to s_min
+    patch_positions: str = "crop"  # crop: tokens keep their full-resolution positions | grid: an s_min image's
     skip_front: int = 0  # first n blocks: frozen, run without gradients
     skip_back: int = 0  # last m blocks: replaced by the frozen base's residual delta
     lora_rank: int = 4

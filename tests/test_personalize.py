@@ -130,8 +130,22 @@ def test_crop_side_follows_the_schedule_and_crops_are_resized_to_s_min():
     assert torch.allclose(out[2], F.interpolate(x[2:3], size=(8, 8), mode="area")[0])  # t = T-1: the whole image
     windows = x[0, 0].unfold(0, 8, 1).unfold(1, 8, 1).reshape(-1, 8, 8)  # t = 0: an 8x8 window at native resolution
     assert (windows - out[0, 0]).flatten(1).abs().max(1).values.min() == 0
+    # crops keep their full-resolution positions: a native 8x8 crop at (4, 6) has the 8x8 grid's rows 2..5 x 3..6
+    from lgframe.dit import sincos_pos_embed
+    from lgframe.personalize import crop_positions
+
+    full = sincos_pos_embed(64, 8).view(8, 8, 64)
+    assert torch.allclose(crop_positions(64, 2, 8, [(4, 6, 8)])[0], full[2:6, 3:7].reshape(16, 64), atol=1e-6)
+    whole = crop_positions(64, 2, 8, [(0, 0, 16)])[0].view(4, 4, 64)  # the whole image, downsampled: between grid rows
+    assert torch.allclose(whole[0, 0], sincos_at_ref(64, 0.5, 0.5), atol=1e-6)
     with pytest.raises(LgframeError, match="expected 16x16"):
         patch_batch(torch.zeros(1, 1, 12, 12), t[:1], T, 8, 16)
+
+
+def sincos_at_ref(dim, y, x):
+    from lgframe.personalize import sincos_at
+
+    return sincos_at(dim, torch.tensor([y]), torch.tensor([x]))[0]
 
 
 def test_lora_file_loads_and_merges_into_a_plain_dit(tmp_path):
