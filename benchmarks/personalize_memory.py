@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -76,16 +78,18 @@ def memory_rows(size: dict, front: int, back: int, s_min: int, s_max: int, batch
     return rows
 
 
-def quality_rows(base: str, out: Path, steps: int, front: int, back: int, s_min: int, s_max: int, seed: int) -> list[dict]:
+def quality_rows(base: str, out: Path, steps: int, front: int, back: int, s_min: int, s_max: int, seed: int,
+                 samples_dir: Path, stem: str) -> list[dict]:
     rows = []
     for name, p in configs(front, back, s_min, s_max).items():
         over = [f"personalize.base={base}", f"out_dir={out}", f"name=personalize_{name}", f"trainer.max_steps={steps}",
                 f"trainer.val_every={max(1, steps // 4)}", "trainer.progress=false", f"seed={seed}",
                 f"personalize.image_size={s_max}"] + [f"personalize.{k}={v}" for k, v in p.items()]
         res = run_personalize(load_recipe("dit_personalize_shapes", over))
+        shutil.copyfile(res.samples, samples_dir / f"{stem}_samples_{name}.png")
         rows.append({"config": name, **p, "steps": steps, "val_loss_start": res.val_curve[0][1],
                      "val_loss": res.val_curve[-1][1], "curve": res.val_curve, "memory_total": res.memory["total"],
-                     "samples": str(res.samples)})
+                     "samples": f"{stem}_samples_{name}.png"})
         print(f"quality {name:<5} held-out val loss {res.val_curve[0][1]:.4f} -> {res.val_curve[-1][1]:.4f} "
               f"(counted step memory {res.memory['total'] / 2**20:.2f} MiB)", flush=True)
     full = rows[0]
@@ -160,6 +164,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=0,
                     help="without --base: pretrain a DiT-Pico base on 16x16 shapes for this many steps first")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default=None, help="where the quality runs go (default: a temporary folder)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -175,9 +180,10 @@ def main() -> None:
     for r in mem:
         print(f"memory {r['config']:<5} total {r['total'] / 2**20:8.2f} MiB ({r['total_ratio']:.2f}x), "
               f"activations {r['activations'] / 2**20:8.2f} MiB ({r['activation_ratio']:.2f}x)", flush=True)
+    stem = "personalize_memory_quick" if args.quick else "personalize_memory"
     base = args.base
     if base is None and args.pretrain_steps:
-        base = pretrain_base(out, 16, args.pretrain_steps, args.seed)
+        base = pretrain_base(Path(tempfile.mkdtemp(prefix="personalize_base_")), 16, args.pretrain_steps, args.seed)
     if args.quick and base is None:
         torch.manual_seed(0)
         model = create_model("DiT-Pico/2")
@@ -190,8 +196,8 @@ def main() -> None:
     quality = []
     if base:
         steps = 20 if args.quick else args.steps
-        quality = quality_rows(base, out / "personalize_runs", steps, 1, 1, 8, 16, args.seed)
-    stem = "personalize_memory_quick" if args.quick else "personalize_memory"
+        runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="personalize_runs_"))
+        quality = quality_rows(base, runs, steps, 1, 1, 8, 16, args.seed, out, stem)
     write_json(out / f"{stem}.json", {"torch": torch.__version__, "threads": args.threads, "model": size,
                                       "skip_front": geo[0], "skip_back": geo[1], "s_min": geo[2], "s_max": geo[3],
                                       "memory": mem, "quality": quality, "quality_base": base})

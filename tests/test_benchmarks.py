@@ -38,3 +38,16 @@ def test_descent_quick(tmp_path):
     for r in data["rows"]:
         assert r["descend_smaller_seconds"] > 0 and r["descend_larger_seconds"] > 0
         assert 0 < r["learngene_bytes"] <= r["file_bytes"]
+
+
+def test_personalize_memory_quick(tmp_path):
+    run("personalize_memory.py", tmp_path)
+    data = json.loads((tmp_path / "personalize_memory_quick.json").read_text())
+    mem = {r["config"]: r for r in data["memory"]}
+    assert set(mem) == {"full", "patch", "skip", "both"}
+    # fewer tokens and fewer blocks with saved activations: counted bytes fall in that order
+    assert mem["both"]["activations"] < mem["patch"]["activations"] < mem["full"]["activations"]
+    assert mem["skip"]["activations"] < mem["full"]["activations"] and mem["both"]["total_ratio"] < 0.8
+    assert [r["config"] for r in data["quality"]] == ["full", "patch", "skip", "both"]
+    assert all(r["val_loss"] > 0 and (tmp_path / r["samples"]).is_file() for r in data["quality"])
+    assert (tmp_path / "personalize_memory_quick.png").stat().st_size > 1000
