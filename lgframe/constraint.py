@@ -432,7 +432,7 @@ def inherit_free(learngene: Learngene, model: nn.Module, layout: Layout, a: Dims
     the ancestor's (frozen tables too: the DiT's sincos positions of another
     width differ, and the inherited weights expect the ancestor's), per-block ones interpolated over normalized depth, all of
     them by consistent width selection (new positions keep their fresh init)."""
-    rest = learngene.group("rest")
+    rest = learngene.rest_for(model)
     src_depth = model_depth(learngene.ancestor_config)
     role_names = set(learngene.roles)
     with torch.no_grad():

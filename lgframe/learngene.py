@@ -58,6 +58,24 @@ class Learngene:
         pre = name + "/"
         return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
 
+    def rest_for(self, model) -> dict[str, torch.Tensor]:
+        """The free ("rest") tensors for a descendant `model`. A learned-sigma DiT
+        ancestor (out_channels = 2 x in_channels, e.g. an imported DiT-XL-2-256)
+        descending to a model that predicts the noise only gives its final layer's
+        noise rows (the first in_channels of each patch pixel's outputs)."""
+        rest = self.group("rest")
+        src_out = self.ancestor_config.get("out_channels") or self.ancestor_config.get("in_channels")
+        tgt_out = getattr(model, "out_channels", None)
+        c_in = self.ancestor_config.get("in_channels")
+        if self.family != "dit" or tgt_out is None or src_out == tgt_out or src_out != 2 * c_in or tgt_out != c_in:
+            return rest
+        out = dict(rest)
+        for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+            if name in out:
+                rows = torch.arange(out[name].shape[0])
+                out[name] = out[name][rows % src_out < tgt_out]
+        return out
+
     def bytes(self, group: str | None = None) -> int:
         return sum(
             t.numel() * t.element_size()

@@ -131,7 +131,7 @@ def resize_free(learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims,
             return fan_in_factor(src_shape[-1], tgt_shape[-1], fan_in_power)
         return 1.0
 
-    rest = learngene.group("rest")
+    rest = learngene.rest_for(model)
     src_depth = model_depth(learngene.ancestor_config)
     role_names = set(learngene.roles)
     per_block: dict[str, list[nn.Parameter]] = {}

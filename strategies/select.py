@@ -66,7 +66,7 @@ class Select(TransformConstraint):
         return select_into(tensors["stack"], init, leading=(0,))
 
     def descend_free(self, learngene, model, layout: Layout, a: Dims, b: Dims) -> None:
-        rest = learngene.group("rest")
+        rest = learngene.rest_for(model)
         src_depth = model_depth(learngene.ancestor_config)
         with torch.no_grad():
             for name, p in model.named_parameters():

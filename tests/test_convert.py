@@ -76,3 +76,24 @@ def test_import_refuses_per_block_embedders_and_missing_folders(tmp_path):
 def test_export_needs_the_diffusers_timestep_convention():
     with pytest.raises(LgframeError, match="frequency shift 0; diffusers' DiT hard-wires 1"):
         to_diffusers(create_model("DiT-Pico/2"))
+
+
+@pytest.mark.parametrize("name", ["svd", "dwt"])
+def test_learngene_of_an_imported_dit_descends_and_trains(tmp_path, name):
+    """import -> learngene -> a smaller descendant that trains on digits. The imported DiT has
+    learned sigma (2 output channels); the descendant predicts the noise and takes its rows."""
+    from lgframe.recipes import load_recipe
+    from lgframe.run import fit
+
+    diffusers_dit(layers=4).save_pretrained(tmp_path / "dit")
+    assert main(["import", "diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "m.safetensors")]) == 0
+    lg = tmp_path / "lg.safetensors"
+    assert main(["learngene", str(tmp_path / "m.safetensors"), "--constraint", name, "--out", str(lg)]) == 0
+    res = fit(load_recipe("dit_digits_descend", [
+        f"out_dir={tmp_path}", "name=child", f"constraint={name}", f"init.source={lg}", "model.depth=2",
+        "model.width=32", "model.heads=2", "trainer.max_steps=30", "trainer.val_every=30", "init.unfreeze_at=10",
+        "trainer.progress=false", "ema.enabled=false"]), extract_learngene=False)
+    model = res.task.model
+    assert model.out_channels == 1 and len(model.blocks) == 2
+    (_, first), (_, last) = res.curve[0], res.curve[-1]
+    assert last < 0.9 * first
