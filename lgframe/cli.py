@@ -165,24 +165,28 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from lgframe.convert import from_diffusers
+    from lgframe.convert import from_diffusers, from_timm
     from lgframe.io import save_model
 
-    model = from_diffusers(args.source)
+    model = (from_diffusers if args.format == "diffusers" else from_timm)(args.source)
     save_model(model, args.out)
     c = model.config
-    print(f"wrote {args.out}: DiT depth {c.depth}, width {c.width}, heads {c.heads}, {c.image_size}x{c.image_size}x"
-          f"{c.in_channels}, {c.num_classes} classes")
+    print(f"wrote {args.out}: {c.family.upper()} depth {c.depth}, width {c.width}, heads {c.heads}, "
+          f"{c.image_size}x{c.image_size}x{c.in_channels}, {c.num_classes} classes")
     return 0
 
 
 def cmd_export(args) -> int:
-    from lgframe.convert import to_diffusers
+    from lgframe.convert import to_diffusers, to_timm
     from lgframe.io import load_model
 
     model, _ = load_model(args.checkpoint)
-    to_diffusers(model, args.out)
-    print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
+    if args.format == "diffusers":
+        to_diffusers(model, args.out)
+        print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
+    else:
+        to_timm(model, args.out)
+        print(f"wrote {args.out}: a timm VisionTransformer (timm.create_model('local-dir:{args.out}', pretrained=True))")
     return 0
 
 
@@ -289,16 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("import", help="a local diffusers DiTTransformer2DModel folder -> lgframe model file")
-    s.add_argument("format", choices=("diffusers",))
-    s.add_argument("source", help="folder written by save_pretrained (nothing downloads)")
+    s = sub.add_parser("import", help="a local diffusers DiT or timm ViT folder -> lgframe model file")
+    s.add_argument("format", choices=("diffusers", "timm"))
+    s.add_argument("source", help="diffusers: folder written by save_pretrained; timm: folder written by "
+                                  "timm.models.save_for_hf (nothing downloads)")
     s.add_argument("--out", required=True, help="model file (.safetensors) for train/descend/learngene/sample")
     s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("export", help="an lgframe DiT (any size; constraints are materialized) -> diffusers folder")
-    s.add_argument("format", choices=("diffusers",))
+    s = sub.add_parser("export", help="an lgframe DiT -> diffusers folder, or ViT -> timm folder (any size; "
+                                      "constraints are materialized)")
+    s.add_argument("format", choices=("diffusers", "timm"))
     s.add_argument("checkpoint", help=".ckpt, model .safetensors or fsdp checkpoint folder")
-    s.add_argument("--out", required=True, help="output folder (DiTTransformer2DModel.save_pretrained)")
+    s.add_argument("--out", required=True, help="output folder (replaced atomically)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("decompose", help="a kind model -> its learngene plus the tailors of some classes (a smaller model)")

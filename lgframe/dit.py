@@ -37,6 +37,8 @@ class TransformerConfig:
     # frequency shift (diffusers' DiT uses 1, facebookresearch/DiT 0).
     out_channels: int = 0
     freq_shift: int = 0
+    # MLP activation: GELU with the tanh approximation (DiT's) or exact (timm's ViT).
+    mlp_act: str = "gelu_tanh"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +48,8 @@ class TransformerConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be a positive integer")
         validate_width(self.width, self.heads, self.family.replace("dit", "DiT").replace("vit", "ViT"))
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act={self.mlp_act!r}: valid values are {', '.join(MLP_ACTS)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
@@ -81,11 +85,14 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
+MLP_ACTS = {"gelu_tanh": "tanh", "gelu": "none"}  # name -> nn.GELU(approximate=...)
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu_tanh"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=MLP_ACTS[act])
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +170,12 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -208,7 +215,7 @@ class DiT(nn.Module):
         # Fixed sin-cos table kept as a frozen parameter, as in DiT: it travels with
         # the weights, so a descendant of another width inherits the ancestor's.
         self.pos_embed = nn.Parameter(sincos_pos_embed(c.width, grid).unsqueeze(0), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.blocks = nn.ModuleList([DiTBlock(c.width, c.heads, c.mlp_ratio, c.mlp_act) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c.width, c.patch_size, self.out_channels)
         self.initialize_weights()
 

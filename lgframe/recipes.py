@@ -33,6 +33,7 @@ class ModelCfg:
     in_channels: Optional[int] = None
     num_classes: Optional[int] = None
     freq_shift: Optional[int] = None  # DiT timestep embedding; 1 = diffusers' convention (needed to export)
+    mlp_act: Optional[str] = None  # gelu_tanh (default) | gelu (exact, as timm's ViT)
 
 
 @dataclass
@@ -270,9 +271,7 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"recipe key 'task' is {cfg.task!r}; valid: {', '.join(TASKS)}")
     family = "dit" if cfg.task == "diffusion" else "vit"
     m = cfg.model
-    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads)
-    if m.freq_shift is not None:
-        mc["freq_shift"] = m.freq_shift
+    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads, freq_shift=m.freq_shift, mlp_act=m.mlp_act)
     if mc["family"] != family:
         raise LgframeError(f"task '{cfg.task}' needs a {family.upper()} model, but model.name is '{m.name}'")
     from lgframe.models import FAMILIES

@@ -74,7 +74,8 @@ def recipe_model_config(cfg: DictConfig, check_data: bool = True) -> dict:
     """The model config a recipe describes: the size table, overrides, and the input
     geometry of the data (or of `model.image_size/in_channels/num_classes`)."""
     m = cfg.model
-    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads, freq_shift=m.freq_shift)
+    mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads, freq_shift=m.freq_shift,
+                        mlp_act=m.mlp_act)
     dm = build_datamodule(cfg.data)
     data = {"image_size": dm.image_size, "in_channels": dm.channels, "num_classes": dm.num_classes}
     for k, v in data.items():
