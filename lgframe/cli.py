@@ -190,6 +190,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from lgframe.latents import encode_folder
+
+    info = encode_folder(args.vae, args.images, args.out, image_size=args.image_size, channels=args.channels,
+                         crop=args.crop, batch_size=args.batch_size)
+    print(f"wrote {args.out}: {info['count']} latents {info['latent_channels']}x{info['latent_size']}x"
+          f"{info['latent_size']} (scaling factor {info['scaling_factor']:g}), {len(info['class_names'])} classes; "
+          f"train with data.name=latents data.path={args.out}")
+    return 0
+
+
 def cmd_decompose(args) -> int:
     from lgframe.io import load_model, save_model
     from lgframe.strategies.kind import decompose
@@ -306,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help=".ckpt, model .safetensors or fsdp checkpoint folder")
     s.add_argument("--out", required=True, help="output folder (replaced atomically)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("encode", help="an image folder -> VAE latents for a latent DiT (data.name=latents)")
+    s.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (nothing downloads)")
+    s.add_argument("--images", required=True, help="folder with one subfolder of images per class")
+    s.add_argument("--out", required=True, help="latents folder to write (safetensors shards + latents.json)")
+    s.add_argument("--image-size", type=int, default=256, help="image side before encoding (default 256)")
+    s.add_argument("--channels", type=int, default=3, help="image channels the VAE takes (default 3)")
+    s.add_argument("--crop", default="center", choices=("center", "resize"))
+    s.add_argument("--batch-size", type=int, default=16)
+    s.set_defaults(func=cmd_encode)
 
     s = sub.add_parser("decompose", help="a kind model -> its learngene plus the tailors of some classes (a smaller model)")
     s.add_argument("checkpoint", help=".ckpt or model .safetensors of a model trained under constraint kind")

@@ -1,16 +1,25 @@
-"""Small image data sets and the Lightning data module that serves them.
+"""Image data sets and the Lightning data module that serves them.
 
-Two domains, both 10 classes of 1x8x8 images in [-1, 1] (background -1):
+Two embedded domains, both 10 classes of 1x8x8 images in [-1, 1] (background -1):
 
 * ``digits``: scikit-learn's bundled handwritten digits (1797 images, no download);
 * ``shapes``: procedurally drawn shapes, a second domain for transfer experiments.
 
-Batches are ``(images, labels)``: float32 (B, 1, 8, 8) and int64 (B,).
+And the user's own images:
+
+* ``imagefolder``: a folder with one subfolder of images per class (sorted
+  names are the labels), resized/cropped to ``image_size`` with ``channels``
+  1 or 3, held in memory;
+* ``latents``: a folder written by ``lgframe encode`` (VAE latents, see
+  lgframe/latents.py), for a latent DiT.
+
+Batches are ``(images, labels)``: float32 (B, C, H, W) and int64 (B,).
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,7 +29,9 @@ from torch.utils.data import DistributedSampler, Sampler, DataLoader, TensorData
 
 from lgframe.errors import LgframeError
 
-DATA_NAMES = ("digits", "shapes")
+DATA_NAMES = ("digits", "shapes", "imagefolder", "latents")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+CROPS = ("center", "resize")
 SHAPES_SEED = 0
 SHAPE_NAMES = (
     "filled square",
@@ -48,6 +59,70 @@ def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32)).unsqueeze(1) / 16 * 2 - 1
     return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def image_folder_classes(root) -> tuple[Path, list[str]]:
+    """The class subfolders of an ImageFolder-style directory (sorted; index = label)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist (expected a folder with one subfolder of images per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder '{root}' has no class subfolders; put each class's images in "
+                        f"'{root}/<class name>/' (e.g. {root}/cat/001.png)")
+    return root, classes
+
+
+def load_image_folder(root, image_size: int, channels: int = 3, crop: str = "center"):
+    """An ImageFolder-style directory as tensors: images float32 (N, C, S, S) in
+    [-1, 1], labels int64 (N,), class names (sorted subfolder names; index =
+    label). ``crop="center"`` resizes the short side to ``image_size`` and crops
+    the centre; ``"resize"`` resizes to a square (aspect not kept). Files that
+    are not images or do not decode are skipped with one warning that counts
+    them; a folder without readable images is an error."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if crop not in CROPS:
+        raise DataError(f"crop={crop!r}; valid: {', '.join(CROPS)}")
+    if channels not in (1, 3):
+        raise DataError(f"channels={channels}; valid: 1 (grayscale) or 3 (RGB)")
+    if int(image_size) < 1:
+        raise DataError(f"image_size={image_size} must be >= 1")
+    root, classes = image_folder_classes(root)
+    images, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        for f in sorted(p for p in (root / name).rglob("*") if p.is_file()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(f)
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if channels == 1 else "RGB")
+                    w, h = im.size
+                    if crop == "center":
+                        k = image_size / min(w, h)
+                        im = im.resize((max(image_size, round(w * k)), max(image_size, round(h * k))), Image.BICUBIC)
+                        left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
+                        im = im.crop((left, top, left + image_size, top + image_size))
+                    else:
+                        im = im.resize((image_size, image_size), Image.BICUBIC)
+                    a = np.asarray(im, dtype=np.float32)
+            except (UnidentifiedImageError, OSError, ValueError):
+                skipped.append(f)
+                continue
+            images.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+            labels.append(label)
+    if skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"image folder '{root}': skipped {len(skipped)} file(s) that are not readable images ({names})",
+                      stacklevel=2)
+    if not images:
+        raise DataError(f"image folder '{root}' has no readable images in its class subfolders {classes} "
+                        f"(suffixes read: {', '.join(IMAGE_SUFFIXES)})")
+    x = torch.from_numpy(np.stack(images)) / 127.5 - 1
+    return x, torch.tensor(labels, dtype=torch.int64), classes
 
 
 def make_shapes(n: int, seed: int = 0, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +246,26 @@ class ImageDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         shuffle: bool = True,
         classes: list[int] | None = None,
+        path: str | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        crop: str = "center",
     ):
         super().__init__()
         if name not in DATA_NAMES:
             raise DataError(f"unknown data name {name!r}; valid: {', '.join(DATA_NAMES)}")
+        if name in ("imagefolder", "latents") and not path:
+            raise DataError(f"data '{name}' needs data.path: " + (
+                "a folder with one subfolder of images per class" if name == "imagefolder"
+                else "a folder written by `lgframe encode`"))
+        if crop not in CROPS:
+            raise DataError(f"crop={crop!r}; valid: {', '.join(CROPS)}")
+        if int(channels) not in (1, 3):
+            raise DataError(f"channels={channels}; valid: 1 (grayscale) or 3 (RGB)")
+        if int(image_size) < 1:
+            raise DataError(f"image_size={image_size} must be >= 1")
+        self.path = path
+        self.folder_image_size, self.folder_channels, self.crop = int(image_size), int(channels), crop
         if int(batch_size) < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
         if not 0.0 < val_fraction < 1.0:
@@ -199,28 +290,54 @@ class ImageDataModule(pl.LightningDataModule):
         self.shuffle = bool(shuffle)
         # Keep only these labels (fine-tuning on a subset); labels keep their values.
         self.classes = None if classes is None else [int(c) for c in classes]
-        if self.classes is not None and (not self.classes or not all(0 <= c < 10 for c in self.classes)):
-            raise DataError(f"classes={classes} must be a non-empty list of labels in 0..9")
+        if self.classes is not None and (not self.classes or not all(0 <= c < self.num_classes for c in self.classes)):
+            raise DataError(f"classes={classes} must be a non-empty list of labels in 0..{self.num_classes - 1}")
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
-    # Constants rather than data-derived, so models can be sized before setup().
+    # Known without reading the images, so models can be sized before setup().
     @property
     def num_classes(self) -> int:
+        if self.name == "imagefolder":
+            return len(image_folder_classes(self.path)[1])
+        if self.name == "latents":
+            return len(self.latents_info["class_names"])
         return 10
 
     @property
     def image_size(self) -> int:
+        if self.name == "imagefolder":
+            return self.folder_image_size
+        if self.name == "latents":
+            return int(self.latents_info["latent_size"])
         return 8
 
     @property
     def channels(self) -> int:
+        if self.name == "imagefolder":
+            return self.folder_channels
+        if self.name == "latents":
+            return int(self.latents_info["latent_channels"])
         return 1
 
+    @property
+    def latents_info(self) -> dict:
+        from lgframe.latents import read_latents_info
+
+        return read_latents_info(self.path)
+
     def load_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole data set: images (N, 1, 8, 8), labels (N,)."""
+        """The whole data set: images (N, C, H, W), labels (N,)."""
         if self.name == "digits":
             return load_digits_arrays()
+        if self.name == "imagefolder":
+            x, y, _ = load_image_folder(self.path, self.folder_image_size, self.folder_channels, self.crop)
+            return x, y
+        if self.name == "latents":
+            from lgframe.latents import load_latents
+
+            x, y, _ = load_latents(self.path)
+            return x, y
         # A fixed seed like digits' fixed files: ``seed`` only changes the split.
         return make_shapes(self.shapes_n, seed=SHAPES_SEED)
 

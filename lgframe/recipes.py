@@ -38,7 +38,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "digits"  # digits | shapes
+    name: str = "digits"  # digits | shapes | imagefolder | latents
     batch_size: int = 128
     val_fraction: float = 0.2
     seed: int = 0
@@ -47,6 +47,11 @@ class DataCfg:
     num_workers: int = 0
     shuffle: bool = True  # false: the same global batches at any world size (equivalence checks)
     classes: Optional[list[int]] = None  # keep only these labels (e.g. fine-tuning on a subset)
+    path: Optional[str] = None  # imagefolder: one subfolder per class; latents: a folder from `lgframe encode`
+    image_size: int = 32  # imagefolder: side after resize/crop
+    channels: int = 3  # imagefolder: 1 (grayscale) or 3 (RGB)
+    crop: str = "center"  # imagefolder: center (short side, then centre crop) | resize (square, aspect not kept)
+    vae: Optional[str] = None  # latents: local AutoencoderKL folder for decoding samples (default: the one encode used)
 
 
 @dataclass
@@ -288,8 +293,12 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
     if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
-    if cfg.data.name not in ("digits", "shapes"):
-        raise LgframeError(f"data.name={cfg.data.name!r}; valid: digits, shapes")
+    from lgframe.data import CROPS, DATA_NAMES
+
+    if cfg.data.name not in DATA_NAMES:
+        raise LgframeError(f"data.name={cfg.data.name!r}; valid: {', '.join(DATA_NAMES)}")
+    if cfg.data.crop not in CROPS:
+        raise LgframeError(f"data.crop={cfg.data.crop!r}; valid: {', '.join(CROPS)}")
     if cfg.objective not in OBJECTIVES:
         raise LgframeError(f"objective={cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
     if cfg.teacher is not None and not Path(cfg.teacher).exists():

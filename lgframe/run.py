@@ -350,12 +350,28 @@ def sampling_kwargs(guidance: float | None = None, steps: int | None = None, sch
     return kw
 
 
+def to_pixels(task: DiffusionTask, x: torch.Tensor) -> torch.Tensor:
+    """A latent DiT's samples decoded through its VAE (see lgframe/latents.py); pixel
+    samples unchanged. Without the VAE folder, a warning and the latents' first
+    channels (one, or three) scaled to [-1, 1]."""
+    from lgframe.latents import decode, load_vae, sample_decoder
+
+    vae = sample_decoder(getattr(task, "recipe", {}).get("data"))
+    if vae is None:
+        return x
+    if Path(vae).expanduser().is_dir():
+        return decode(x, load_vae(vae))
+    log.warning("latent samples not decoded: VAE folder '%s' is missing (set data.vae); saving the latents", vae)
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    return x / x.abs().amax().clamp_min(1e-8)
+
+
 def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, progress: bool = False, **kw) -> Path:
     """n samples, one class per column, as a PNG grid."""
     from torchvision.utils import save_image
 
     k = task.model.config.num_classes
-    imgs = task.sample(torch.arange(n) % k, progress=progress, **kw)
+    imgs = to_pixels(task, task.sample(torch.arange(n) % k, progress=progress, **kw))
     out = Path(out)
     with atomic_path(out) as tmp:
         save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
