@@ -20,10 +20,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+
 import torch
 
 from lgframe.errors import LgframeError
 from lgframe.io import read_safetensors, save_tensors, write_json
+
+log = logging.getLogger("lgframe")
 
 FORMAT = "lgframe.learngene"
 FORMAT_VERSION = 1
@@ -59,22 +63,50 @@ class Learngene:
         return {k[len(pre):]: v for k, v in self.tensors.items() if k.startswith(pre)}
 
     def rest_for(self, model) -> dict[str, torch.Tensor]:
-        """The free ("rest") tensors for a descendant `model`. A learned-sigma DiT
-        ancestor (out_channels = 2 x in_channels, e.g. an imported DiT-XL-2-256)
-        descending to a model that predicts the noise only gives its final layer's
-        noise rows (the first in_channels of each patch pixel's outputs)."""
-        rest = self.group("rest")
-        src_out = self.ancestor_config.get("out_channels") or self.ancestor_config.get("in_channels")
-        tgt_out = getattr(model, "out_channels", None)
-        c_in = self.ancestor_config.get("in_channels")
-        if self.family != "dit" or tgt_out is None or src_out == tgt_out or src_out != 2 * c_in or tgt_out != c_in:
+        """The free ("rest") tensors for a descendant `model`, adapted to its data:
+
+        * a learned-sigma DiT ancestor (out_channels = 2 x in_channels, e.g. an
+          imported DiT-XL-2-256) descending to a model that predicts the noise
+          only gives its final layer's noise rows;
+        * tensors tied to the data's geometry or label set (patch embedding when
+          channels or patch size differ, output layer, class table or head when
+          the classes differ, position table when the token grid differs) are left
+          out, so the descendant keeps its fresh init there, and a log line says so.
+        """
+        rest = dict(self.group("rest"))
+        a, b = self.ancestor_config, getattr(getattr(model, "config", None), "to_dict", dict)()
+        if not b:
             return rest
-        out = dict(rest)
-        for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
-            if name in out:
-                rows = torch.arange(out[name].shape[0])
-                out[name] = out[name][rows % src_out < tgt_out]
-        return out
+        a_out = a.get("out_channels") or a.get("in_channels")
+        b_out = b.get("out_channels") or b.get("in_channels")
+        if self.family == "dit" and a_out != b_out and a_out == 2 * a.get("in_channels") and b_out == a.get("in_channels"):
+            for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+                if name in rest:
+                    rows = torch.arange(rest[name].shape[0])
+                    rest[name] = rest[name][rows % a_out < b_out]
+            a_out = b_out
+
+        def differs(*keys):
+            return [f"{k} {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+        grid = lambda c: (c.get("image_size") or 0) // max(1, c.get("patch_size") or 1)  # noqa: E731
+        tied = {  # names -> what must match
+            "dit": [(("x_embedder.proj.weight",), differs("in_channels", "patch_size")),
+                    (("final_layer.linear.weight", "final_layer.linear.bias"),
+                     differs("patch_size") + ([f"out_channels {a_out} -> {b_out}"] if a_out != b_out else [])),
+                    (("y_embedder.embedding_table.weight",), differs("num_classes")),
+                    (("pos_embed",), [] if grid(a) == grid(b) else [f"token grid {grid(a)} -> {grid(b)}"])],
+            "vit": [(("patch_embed.proj.weight",), differs("in_channels", "patch_size")),
+                    (("head.weight", "head.bias"), differs("num_classes")),
+                    (("pos_embed",), [] if grid(a) == grid(b) else [f"token grid {grid(a)} -> {grid(b)}"])],
+        }.get(self.family, [])
+        for names, why in tied:
+            dropped = [n for n in names if n in rest and why]
+            for n in dropped:
+                del rest[n]
+            if dropped:
+                log.info("descendant keeps its fresh %s (%s)", ", ".join(dropped), "; ".join(why))
+        return rest
 
     def bytes(self, group: str | None = None) -> int:
         return sum(

@@ -97,3 +97,25 @@ def test_learngene_of_an_imported_dit_descends_and_trains(tmp_path, name):
     assert model.out_channels == 1 and len(model.blocks) == 2
     (_, first), (_, last) = res.curve[0], res.curve[-1]
     assert last < 0.9 * first
+
+
+@pytest.mark.parametrize("name", ["svd", "dct"])
+def test_descent_to_other_data_keeps_fresh_data_layers(name):
+    """A 10-class, 1-channel, learned-sigma ancestor -> a 3-class, 4-channel latent DiT:
+    the patch embedding, output layer and class table stay fresh, the rest is inherited."""
+    model = from_diffusers(diffusers_dit(layers=4))
+    c = get_constraint(name)
+    c.attach(model, init="dense")
+    lg = c.learngene(model)
+    torch.manual_seed(5)
+    target = create_model("DiT-Pico/2", depth=4, width=32, heads=2, in_channels=4, num_classes=3, freq_shift=1)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    child = constraint_class(name)().descend(lg, target)
+    sd = get_constraint(name).materialize(child).state_dict()
+    for k in ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight"):
+        assert torch.equal(sd[k], fresh[k]), k
+    src = model.state_dict()
+    for k in ("x_embedder.proj.bias", "t_embedder.mlp.0.weight", "blocks.1.adaLN_modulation.1.weight"):
+        assert torch.allclose(sd[k], src[k], atol=1e-6), k
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert torch.isfinite(child(x, t, torch.tensor([0, 3]))).all()
