@@ -201,6 +201,47 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_weightspace(args) -> int:
+    import torch
+
+    from lgframe import weightspace as ws
+
+    if args.stage == "fit":
+        c = ws.load_cfg(args.recipe, args.overrides)
+        ds = ws.fit_dataset(c)
+        ds.save(c.out)
+        print(f"wrote {c.out}: {len(ds.weights)} items, {c.repr}{' + mask' if c.mask and c.repr != 'full' else ''} "
+              f"rank {c.rank}, {ds.weights.shape[1]} numbers each; PSNR mean {ds.psnr.mean():.2f} dB "
+              f"(min {ds.psnr.min():.2f})")
+        return 0
+    if args.stage == "train":
+        ds = ws.WeightDataset.load(args.recipe)
+        over = ws.load_cfg(None, args.overrides)
+        for k in ("dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed"):
+            if any(o.startswith(k + "=") for o in args.overrides):
+                setattr(ds.cfg, k, getattr(over, k))
+        task, stats = ws.train_generator(ds)
+        out = args.out or "weightspace_generator.safetensors"
+        ws.save_generator(task, stats, args.recipe, out)
+        print(f"wrote {out}: a DiT over {stats['tokens']} weight tokens ({stats['grid']}x{stats['grid']} grid)")
+        return 0
+    task, stats, ds_path = ws.load_generator(args.recipe)
+    ds = ws.WeightDataset.load(ds_path)
+    k = int(ds.labels.max()) + 1
+    n = args.n
+    labels = torch.arange(n) % k
+    imgs = ws.render_vectors(ds.adapter, ws.sample_weights(ds, task, stats, labels), ds.cfg.size)
+    from torchvision.utils import save_image
+
+    from lgframe.io import atomic_path
+
+    out = args.out or "weightspace_samples.png"
+    with atomic_path(out) as tmp:
+        save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
+    print(f"wrote {out}: {n} generated fields rendered at {ds.cfg.size}x{ds.cfg.size}, one class per column")
+    return 0
+
+
 def cmd_decompose(args) -> int:
     from lgframe.io import load_model, save_model
     from lgframe.strategies.kind import decompose
@@ -327,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crop", default="center", choices=("center", "resize"))
     s.add_argument("--batch-size", type=int, default=16)
     s.set_defaults(func=cmd_encode)
+
+    s = sub.add_parser("weightspace", help="mLoRA weight-space learning: fit items as adaptations of a base field, "
+                                           "train a DiT on the weights, sample new ones")
+    s.add_argument("stage", choices=("fit", "train", "sample"))
+    s.add_argument("recipe", nargs="?", default=None,
+                   help="fit: a recipe (e.g. weightspace_digits); train: the weight dataset; sample: the generator")
+    s.add_argument("overrides", nargs="*", help="fit/train: key=value (fit: out=FILE, repr=mlora|lora|full, ...)")
+    s.add_argument("--out", default=None, help="train/sample: output file")
+    s.add_argument("--n", type=int, default=100, help="sample: how many")
+    s.set_defaults(func=cmd_weightspace)
 
     s = sub.add_parser("decompose", help="a kind model -> its learngene plus the tailors of some classes (a smaller model)")
     s.add_argument("checkpoint", help=".ckpt or model .safetensors of a model trained under constraint kind")

@@ -285,4 +285,4 @@ DIT_SIZES = {
     "DiT-Nano": (6, 128, 4),
     "DiT-Pico": (4, 64, 2),
 }
-DIT_PATCHES = (2, 4, 8)
+DIT_PATCHES = (1, 2, 4, 8)

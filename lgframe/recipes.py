@@ -85,6 +85,7 @@ class DiffusionCfg:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     label_dropout: float = 0.1  # probability of the null class during training (CFG)
+    clip_sample: bool = True  # samplers clip the predicted x0 to [-1, 1] (images); off for unbounded data (weights)
 
 
 @dataclass

@@ -182,7 +182,8 @@ class DiffusionTask(LgTask):
         super().__init__(recipe, model, init_mode)
         d = recipe["diffusion"]
         self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=d["num_train_timesteps"], beta_schedule=d["beta_schedule"]
+            num_train_timesteps=d["num_train_timesteps"], beta_schedule=d["beta_schedule"],
+            clip_sample=d.get("clip_sample", True),
         )
         self.null_class = model.config.num_classes
 

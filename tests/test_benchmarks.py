@@ -51,3 +51,14 @@ def test_personalize_memory_quick(tmp_path):
     assert [r["config"] for r in data["quality"]] == ["full", "patch", "skip", "both"]
     assert all(r["val_loss"] > 0 and (tmp_path / r["samples"]).is_file() for r in data["quality"])
     assert (tmp_path / "personalize_memory_quick.png").stat().st_size > 1000
+
+
+def test_weightspace_quick(tmp_path):
+    run("weightspace.py", tmp_path)
+    d = json.loads((tmp_path / "weightspace_quick.json").read_text())
+    rows = {r["config"]: r for r in d["rows"]}
+    assert set(rows) == {"mlora+mask", "mlora", "lora+mask", "lora", "full"}
+    for r in rows.values():
+        assert r["psnr_mean"] > 10 and 0 <= r["classification_accuracy"] <= 1 and r["fid_digits"] > 0
+    assert rows["full"]["numbers_per_item"] > rows["mlora"]["numbers_per_item"]
+    assert (tmp_path / "weightspace_quick.png").stat().st_size > 1000
