@@ -66,7 +66,7 @@ class FieldCfg:
 
 @dataclass
 class WeightspaceCfg:
-    """`lgframe weightspace fit|train|sample` recipe (recipes/weightspace_digits.yaml)."""
+    """`lgframe weightspace fit|train|sample` recipe (recipes/weightspace/weightspace_digits.yaml)."""
 
     data: str = "digits"  # digits (upsampled to `size`) | shapes | imagefolder
     path: Optional[str] = None  # imagefolder: one subfolder per class
@@ -120,7 +120,7 @@ def load_cfg(recipe: str | None, overrides: list[str]) -> WeightspaceCfg:
         if recipe:
             p = Path(recipe)
             if not p.is_file():
-                shipped = Path(__file__).resolve().parent / "recipes" / f"{recipe}.yaml"
+                shipped = Path(__file__).resolve().parent / "recipes" / "weightspace" / f"{Path(recipe).stem}.yaml"
                 if not shipped.is_file():
                     raise LgframeError(f"recipe '{recipe}' not found (a YAML file or a shipped name such as weightspace_digits)")
                 p = shipped
