@@ -1,23 +1,37 @@
 """Init quality of every learngene method against scratch and Weight Selection.
 
-Runs `lgframe compare` (lgframe/compare.py) for the DiT (validation loss) and
-the ViT (validation loss; accuracy in the per-run curves) on digits, one size
-smaller and one larger than the ancestor, over several seeds, and reports per
-method: validation loss at step 0 and at the end (mean, spread), steps to reach
-scratch's final loss, and that as a ratio to scratch's steps and to select's.
+Runs `lgframe compare` (lgframe/compare.py) for the DiT (quality: validation
+loss) and the ViT (quality: validation accuracy) on digits, descendants one
+size smaller and one larger than the ancestor, and reports per method: quality
+at step 0 and at the end (mean, spread over seeds), steps to reach scratch's
+final quality, that as a ratio to scratch's steps and to select's, steps to
+reach the ancestor's own final quality, and for the DiT the digits FID and
+class accuracy of samples after the fixed budget.
 
-    python benchmarks/init_quality.py            # full: ~1 h on 2 CPU cores
-    python benchmarks/init_quality.py --quick    # ~3 min smoke run
+Variants (DESIGN.md's benchmark protocol): `base` (descendants on the
+ancestor's data), `shift` (ancestor on digits, descendants on the generated
+shapes: knowledge must transfer rather than copy), `limited` (descendants see
+10% of the training split). The ancestors are trained once per family and
+shared by the variants.
 
-Writes benchmarks/results/init_quality.json and init_quality.png (the
-per-run reports stay under the output folder).
+    python benchmarks/init_quality.py            # full: base 3 seeds, shift/limited 1 seed
+    python benchmarks/init_quality.py --quick    # svd and select only, ~2 min smoke run (run by the tests)
+    # --families dit|vit (one process per family on two cores: --threads 1 each),
+    # --variants base,shift,limited, --seeds N, --variant-seeds N
+
+Writes benchmarks/results/init_quality.json and init_quality.png (a run of
+some families or variants keeps the others' results; the per-run reports stay
+under the work folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
+
+import torch
 
 from lgframe.compare import run_compare
 from lgframe.constraint import constraint_names
@@ -25,6 +39,7 @@ from lgframe.io import atomic_path, write_json
 from lgframe.recipes import load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {"base": [], "shift": ["compare.descendant_data=shapes"], "limited": ["compare.train_fraction=0.1"]}
 
 
 def main() -> None:
@@ -32,77 +47,108 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per descendant (default 3)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per descendant in the base variant (default 3)")
+    ap.add_argument("--variant-seeds", type=int, default=1, help="seeds in the shift and limited variants (default 1)")
     ap.add_argument("--families", default="dit,vit", help="comma-separated: dit, vit")
+    ap.add_argument("--variants", default="base,shift,limited", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args()
-    methods = [n for n in constraint_names() if n != "scratch"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; valid: {', '.join(VARIANTS)}")
+    if args.quick:
+        variants = ["base"]
     q = args.quick
+    # --quick: the code path only (two methods); the full run takes every registered one
+    methods = ["svd", "select"] if q else [n for n in constraint_names() if n != "scratch"]
     setups = {
-        "dit": ("dit_digits_pretrain", "dit_digits_descend", "DiT-Nano/2" if not q else "DiT-Pico/2",
+        "dit": ("diffusion", "dit_digits_pretrain", "dit_digits_descend", "DiT-Nano/2" if not q else "DiT-Pico/2",
                 ["DiT-Pico/2", "DiT-Micro/2"] if not q else ["DiT-Pico/2 depth=3 width=96 heads=3"]),
-        "vit": ("vit_digits_pretrain", "vit_digits_descend", "ViT-Nano/2" if not q else "ViT-Pico/2",
+        "vit": ("classification", "vit_digits_pretrain", "vit_digits_descend", "ViT-Nano/2" if not q else "ViT-Pico/2",
                 ["ViT-Pico/2", "ViT-Micro/2"] if not q else ["ViT-Pico/2 depth=3 width=96 heads=3"]),
     }
-    summary = {}
+    summary: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        for family, (anc, desc, model, sizes) in setups.items():
+        for family, (task, anc, desc, model, sizes) in setups.items():
             if family not in args.families.split(","):
                 continue
-            cfg = load_recipe("compare_digits", [
-                f"task={'diffusion' if family == 'dit' else 'classification'}", f"model.name={model}",
-                f"out_dir={work}", f"name=init_quality_{family}", "trainer.progress=false",
-                f"compare.constraints=[{','.join(methods)}]", f"compare.sizes=[{','.join(sizes)}]",
-                f"compare.seeds={[0] if q else list(range(args.seeds))}", f"compare.steps={20 if q else 300}",
-                f"compare.ancestor_steps={60 if q else 800}", f"compare.ancestor_recipe={anc}",
-                f"compare.descendant_recipe={desc}",
-            ])
-            report = run_compare(cfg, samples=0 if q else 300)
-            import json
-
-            table = json.loads((report.parent / "compare.json").read_text())["summary"]
-            for size, rows in table.items():
-                sel = rows.get("select", {}).get("steps_to_scratch_final")
-                for name, e in rows.items():
-                    e["ratio_to_select"] = (e["steps_to_scratch_final"] / sel) if sel and e["steps_to_scratch_final"] is not None else None
-            summary[family] = table
+            for variant in variants:
+                seeds = [0] if q else list(range(args.seeds if variant == "base" else args.variant_seeds))
+                # one output folder per family: the variants reuse its ancestors and learngenes
+                cfg = load_recipe("compare_digits", [
+                    f"task={task}", f"model.name={model}", f"out_dir={work}", f"name=init_quality_{family}",
+                    "trainer.progress=false", f"compare.constraints=[{','.join(methods)}]",
+                    f"compare.sizes=[{','.join(sizes)}]", f"compare.seeds={seeds}", f"compare.steps={10 if q else 300}",
+                    f"compare.ancestor_steps={30 if q else 800}", f"compare.ancestor_recipe={anc}",
+                    f"compare.descendant_recipe={desc}", *VARIANTS[variant],
+                ])
+                report = run_compare(cfg, samples=0 if q else 300)
+                result = json.loads((report.parent / "compare.json").read_text())
+                for f in ("compare.json", "report.md"):  # the next variant writes the same folder
+                    (report.parent / f.replace(".", f"_{variant}.")).write_bytes((report.parent / f).read_bytes())
+                table = result["summary"]
+                for rows in table.values():
+                    sel = rows.get("select", {}).get("steps_to_scratch_final")
+                    for e in rows.values():
+                        s = e["steps_to_scratch_final"]
+                        e["ratio_to_select"] = (s / sel) if sel and s is not None else None
+                summary.setdefault(family, {})[variant] = {"quality": result["quality"], "seeds": seeds,
+                                                           "wall_seconds": result["wall_seconds"], "sizes": table}
     out = Path(args.out)
     stem = "init_quality_quick" if q else "init_quality"
     path = out / f"{stem}.json"
-    if path.exists():  # a run of some families keeps the others' results
-        import json
-
-        summary = json.loads(path.read_text()).get("summary", {}) | summary
-    write_json(path, {"summary": summary, "methods": methods, "quick": q, "seeds": 1 if q else args.seeds})
+    if path.exists():  # a run of some families or variants keeps the others' results
+        old = json.loads(path.read_text()).get("summary", {})
+        for family, by_variant in summary.items():
+            old.setdefault(family, {}).update(by_variant)
+        summary = old
+    write_json(path, {"summary": summary, "methods": methods, "quick": q})
     plot(summary, out / f"{stem}.png")
-    for family, table in summary.items():
-        for size, rows in table.items():
-            for name, e in rows.items():
-                print(f"{family} {size:<12} {name:<8} step0 {e['initial']:.4f} final {e['final']:.4f} "
-                      f"ratio/scratch {e['ratio_to_scratch']} ratio/select {e['ratio_to_select']}")
+    for family, by_variant in summary.items():
+        for variant, v in by_variant.items():
+            for size, rows in v["sizes"].items():
+                for name, e in rows.items():
+                    acc = f" acc {e['initial_acc']:.3f} -> {e['final_acc']:.3f}" if "final_acc" in e else ""
+                    print(f"{family} {variant:<7} {size:<12} {name:<9} loss {e['initial']:.4f} -> {e['final']:.4f}{acc} "
+                          f"ratio/scratch {_r(e['ratio_to_scratch'])} ratio/select {_r(e['ratio_to_select'])}")
+
+
+def _r(v):
+    return "—" if v is None else f"{v:.2f}"
 
 
 def plot(summary, path: Path) -> None:
+    """One panel per family, variant and size: step-0 and final quality per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f, s) for f, t in summary.items() for s in t]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
-    for ax, (family, size) in zip(axes[0], panels):
-        rows = summary[family][size]
+    panels = [(f, v, s) for f, bv in summary.items() for v, t in bv.items() for s in t["sizes"]]
+    cols = min(4, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), dpi=110, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (family, variant, size) in zip(axes.flat, panels):
+        rows = summary[family][variant]["sizes"][size]
+        acc = summary[family][variant]["quality"] == "val/acc"
         names = list(rows)
-        ax.bar(names, [rows[n]["initial"] for n in names], alpha=0.5, label="step 0")
-        ax.bar(names, [rows[n]["final"] for n in names], alpha=0.9, label="final")
-        ax.set_title(f"{family}: {size}", fontsize=9)
-        ax.set_ylabel("validation loss")
+        ax.bar(names, [rows[n]["initial_acc" if acc else "initial"] for n in names], alpha=0.5, label="step 0")
+        ax.bar(names, [rows[n]["final_acc" if acc else "final"] for n in names], alpha=0.9, width=0.5, label="final")
+        ax.set_title(f"{family} {variant}: {size}", fontsize=9)
+        ax.set_ylabel("validation accuracy" if acc else "validation loss")
         ax.tick_params(axis="x", rotation=45)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

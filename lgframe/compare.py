@@ -5,10 +5,17 @@ reused from the same output folder); training-free constraints (dct, dwt,
 select: `TransformConstraint`) share one dense ancestor, as in their papers,
 and extract their learngenes from it. Each learngene initializes every size of
 `compare.sizes`; every descendant and a scratch model of the same size train
-for `compare.steps` steps on the same data and seeds. The report (markdown +
-PNG) gives per size and method: validation loss at step 0 and at the end,
-steps to reach scratch's final loss, that as a ratio of scratch's steps, and
-the digits FID / class accuracy of samples from the final model.
+for `compare.steps` steps on the same data and seeds (`compare.descendant_data`
+moves the descendants to another data source, a domain shift;
+`compare.train_fraction` < 1 gives them a part of the training split).
+
+Quality is the validation loss for a DiT and the validation accuracy for a
+ViT. The report (markdown + PNG) gives per size and method: quality at step 0
+and at the end (mean and spread over seeds), steps to reach scratch's final
+quality, that as a ratio of scratch's steps, steps to reach the ancestor's own
+final quality (a harder target; only when the descendants train on the
+ancestor's data), and the digits FID / class accuracy of samples from the
+final DiT.
 """
 
 from __future__ import annotations
@@ -23,15 +30,21 @@ from lgframe.constraint import TransformConstraint, constraint_class, constraint
 from lgframe.io import write_json, write_text
 from lgframe.models import parse_size
 from lgframe.recipes import load_recipe
-from lgframe.run import RunResult, evaluate, extract_learngene, fit, plot_curves
+from lgframe.run import RunResult, evaluate, extract_learngene, fit, plot_curves, read_curve
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First step whose value is at or below `target` (None: never)."""
+def steps_to_reach(curve: list[tuple[int, float]], target: float, higher: bool = False) -> int | None:
+    """First step whose value is at or below `target` (at or above it with
+    `higher`, e.g. accuracy); None: never."""
     for step, v in curve:
-        if v <= target:
+        if (v >= target) if higher else (v <= target):
             return step
     return None
+
+
+def quality_key(task: str) -> tuple[str, bool]:
+    """The metric a task is judged by, and whether higher is better."""
+    return ("val/acc", True) if task == "classification" else ("val/loss", False)
 
 
 def methods(cfg: DictConfig) -> list[str]:
@@ -42,24 +55,24 @@ def methods(cfg: DictConfig) -> list[str]:
     return [n for n in names if n != "scratch"]
 
 
-def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> dict[str, Path]:
-    """learngene path per constraint; one dense ancestor serves every transform constraint."""
+def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+    """learngene path and the ancestor's final quality per constraint; one
+    dense ancestor serves every transform constraint."""
     learngenes: dict[str, Path] = {}
-    dense: RunResult | None = None
+    finals: dict[str, float] = {}
+    key = quality_key(cfg.task)[0]
     for name in methods(cfg):
-        if name == "scratch":
-            continue
         lg = out / "learngenes" / f"{name}.safetensors"
-        if issubclass(constraint_class(name), TransformConstraint):
-            if not lg.exists():
-                if dense is None:
-                    dense = _reuse_or_fit(cfg, out, base + ["name=ancestor_dense", "constraint=scratch"], "ancestor_dense")
-                extract_learngene(dense.checkpoint, lg, {"name": name})
-        elif not lg.exists():
-            run = _reuse_or_fit(cfg, out, base + [f"name=ancestor_{name}", f"constraint={name}"], f"ancestor_{name}")
-            extract_learngene(run.checkpoint, lg)
+        transform = issubclass(constraint_class(name), TransformConstraint)
+        run_name = "ancestor_dense" if transform else f"ancestor_{name}"
+        run = _reuse_or_fit(cfg, out, base + [f"name={run_name}", f"constraint={'scratch' if transform else name}"], run_name)
+        if not lg.exists():
+            extract_learngene(run.checkpoint, lg, {"name": name} if transform else None)
         learngenes[name] = lg
-    return learngenes
+        curve = read_curve(run.run_dir, key)
+        if curve:
+            finals[name] = curve[-1][1]
+    return learngenes, finals
 
 
 def _reuse_or_fit(cfg: DictConfig, out: Path, overrides: list[str], name: str) -> RunResult:
@@ -77,7 +90,11 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     t0 = time.time()
     base = [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}", f"data.name={cfg.data.name}",
             "trainer.progress=" + str(cfg.trainer.progress).lower()]
-    learngenes = _ancestors(cfg, out, base)
+    learngenes, ancestor_finals = _ancestors(cfg, out, base)
+    data = c.descendant_data or cfg.data.name
+    if data != cfg.data.name:
+        ancestor_finals = {}  # another domain: the ancestor's quality on its own data is no target here
+    key, higher = quality_key(cfg.task)
     val_every = max(1, c.steps // 10)
     results: dict[str, dict[str, list[dict]]] = {}
     for size in c.sizes:
@@ -86,7 +103,7 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
         for seed in c.seeds:
             common = [f"out_dir={out / 'runs'}", f"model.name={name_ or cfg.model.name}",
                       *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
-                      f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={cfg.data.name}",
+                      f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={data}",
                       f"data.train_fraction={c.train_fraction}", "trainer.progress=" + str(cfg.trainer.progress).lower()]
             runs = {"scratch": fit(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}", "constraint=scratch"]),
                                    extract_learngene=False)}
@@ -94,19 +111,27 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
                 runs[name] = fit(load_recipe(c.descendant_recipe, common + [
                     f"name={tag}_{name}_s{seed}", f"constraint={name}", f"init.source={lg}"]), extract_learngene=False)
             for name, r in runs.items():
-                row = {"seed": seed, "curve": r.curve, "initial": r.initial_loss, "final": r.final_loss}
-                if cfg.task == "diffusion" and samples:
-                    row |= {k: v for k, v in evaluate(r.task, load_recipe(None, [f"data.name={cfg.data.name}"]).data,
+                row = {"seed": seed, "curve": r.curve, "acc_curve": r.acc_curve, "initial": r.initial_loss,
+                       "final": r.final_loss}
+                if r.acc_curve:
+                    row |= {"initial_acc": r.acc_curve[0][1], "final_acc": r.acc_curve[-1][1]}
+                if cfg.task == "diffusion" and samples and data == "digits":
+                    row |= {k: v for k, v in evaluate(r.task, load_recipe(None, [f"data.name={data}"]).data,
                                                       n_samples=samples, steps=25).items()
                             if k in ("fid_digits", "class_accuracy")}
                 results.setdefault(size, {}).setdefault(name, []).append(row)
             plot_curves({n: r.curve for n, r in runs.items()}, out / f"loss_{tag}_s{seed}.png", "validation loss",
                         f"{size}, seed {seed}: descendants vs scratch")
+            if higher:
+                plot_curves({n: r.acc_curve for n, r in runs.items()}, out / f"acc_{tag}_s{seed}.png",
+                            "validation accuracy", f"{size}, seed {seed}: descendants vs scratch")
             if cfg.task == "diffusion" and seed == c.seeds[0]:
                 sample_rows({n: r.task for n, r in runs.items()}, out / f"samples_{tag}.png", f"{size}, after {c.steps} steps")
-    summary = _summarize(results)
+    summary = _summarize(results, higher, ancestor_finals)
     write_json(out / "compare.json", {"summary": summary, "runs": results, "wall_seconds": round(time.time() - t0, 1),
-                                      "recipe": {"constraints": methods(cfg), "sizes": list(c.sizes),
+                                      "quality": key, "ancestor_final": ancestor_finals,
+                                      "recipe": {"constraints": methods(cfg), "sizes": list(c.sizes), "data": data,
+                                                 "train_fraction": c.train_fraction,
                                                  "seeds": list(c.seeds), "steps": c.steps}})
     report = out / "report.md"
     write_text(report, _markdown(cfg, summary, out, time.time() - t0))
@@ -145,27 +170,38 @@ def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: 
     return path
 
 
-def _summarize(results: dict) -> dict:
+def _summarize(results: dict, higher: bool = False, ancestor_finals: dict[str, float] | None = None) -> dict:
+    """Per size and method, over seeds: loss (and accuracy) at step 0 and at the
+    end, steps to scratch's final quality and to the ancestor's."""
     summary = {}
+    curve_key, final_key = ("acc_curve", "final_acc") if higher else ("curve", "final")
     for size, methods in results.items():
         scratch = methods["scratch"]
+        scratch_steps = scratch[0]["curve"][-1][0]
         for name, rows in methods.items():
-            reach = []
-            for row, ref in zip(rows, scratch):
-                s = steps_to_reach(row["curve"], ref["final"])
-                reach.append(s)
-            done = [s for s in reach if s is not None]
-            scratch_steps = scratch[0]["curve"][-1][0]
+            def mean_steps(targets):
+                reach = [steps_to_reach(row[curve_key], t, higher) for row, t in zip(rows, targets)]
+                return statistics.mean(reach) if None not in reach else None
+
+            reach_scratch = mean_steps([ref[final_key] for ref in scratch])
             entry = {
                 "initial": statistics.mean(r["initial"] for r in rows),
                 "final": statistics.mean(r["final"] for r in rows),
                 "final_spread": statistics.pstdev([r["final"] for r in rows]),
-                "steps_to_scratch_final": statistics.mean(done) if len(done) == len(rows) else None,
-                "ratio_to_scratch": (statistics.mean(done) / scratch_steps) if len(done) == len(rows) else None,
+                "steps_to_scratch_final": reach_scratch,
+                "ratio_to_scratch": None if reach_scratch is None else reach_scratch / scratch_steps,
             }
+            if higher:
+                entry |= {"initial_acc": statistics.mean(r["initial_acc"] for r in rows),
+                          "final_acc": statistics.mean(r["final_acc"] for r in rows),
+                          "final_acc_spread": statistics.pstdev([r["final_acc"] for r in rows])}
+            if ancestor_finals and name in ancestor_finals:
+                entry["ancestor_final"] = ancestor_finals[name]
+                entry["steps_to_ancestor_final"] = mean_steps([ancestor_finals[name]] * len(rows))
             for k in ("fid_digits", "class_accuracy"):
                 if k in rows[0]:
                     entry[k] = statistics.mean(r[k] for r in rows)
+                    entry[k + "_spread"] = statistics.pstdev([r[k] for r in rows])
             summary.setdefault(size, {})[name] = entry
     return summary
 
@@ -176,22 +212,38 @@ def _fmt(v, spec=".4f"):
 
 def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
     c = cfg.compare
+    acc = cfg.task == "classification"
+    what = "validation accuracy" if acc else "validation loss"
+    data = c.descendant_data or cfg.data.name
     lines = [
         "# lgframe compare", "",
-        f"Task {cfg.task}, data {cfg.data.name} (train fraction {c.train_fraction}), ancestor {cfg.model.name} "
-        f"({c.ancestor_steps} steps); descendants {c.steps} steps, seeds {list(c.seeds)}. Wall time {wall:.0f} s.", "",
-        "Steps to reach scratch's final validation loss (validation every "
-        f"{max(1, c.steps // 10)} steps; 0 = already there at initialization); ratio = those steps / scratch's steps.", "",
+        f"Task {cfg.task}; ancestor {cfg.model.name} on {cfg.data.name} ({c.ancestor_steps} steps); descendants on "
+        f"{data} (train fraction {c.train_fraction}), {c.steps} steps, seeds {list(c.seeds)}. Wall time {wall:.0f} s.", "",
+        f"Quality is the {what}. Steps to reach scratch's final {what} (validated every "
+        f"{max(1, c.steps // 10)} steps; 0 = already there at initialization); ratio = those steps / scratch's steps; "
+        f"— = not reached within {c.steps} steps. Values are means over seeds (± population spread).", "",
     ]
     for size, methods in summary.items():
-        lines += [f"## {size}", "", "| method | val loss step 0 | final (± spread) | steps to scratch's final | ratio | FID (digits) | class acc |",
-                  "|---|---|---|---|---|---|---|"]
+        head = ["method", "val loss step 0", "val loss final"]
+        if acc:
+            head += ["val acc step 0", "val acc final"]
+        head += ["steps to scratch's final", "ratio", "steps to ancestor's final"]
+        if not acc:
+            head += ["FID (digits)", "class acc"]
+        lines += [f"## {size}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, e in methods.items():
-            lines.append(f"| {name} | {_fmt(e['initial'])} | {_fmt(e['final'])} ± {_fmt(e['final_spread'])} | "
-                         f"{_fmt(e['steps_to_scratch_final'], '.0f')} | {_fmt(e['ratio_to_scratch'], '.2f')} | "
-                         f"{_fmt(e.get('fid_digits'), '.1f')} | {_fmt(e.get('class_accuracy'), '.3f')} |")
+            cells = [name, _fmt(e["initial"]), f"{_fmt(e['final'])} ± {_fmt(e['final_spread'])}"]
+            if acc:
+                cells += [_fmt(e["initial_acc"], ".3f"), f"{_fmt(e['final_acc'], '.3f')} ± {_fmt(e['final_acc_spread'], '.3f')}"]
+            cells += [_fmt(e["steps_to_scratch_final"], ".0f"), _fmt(e["ratio_to_scratch"], ".2f"),
+                      _fmt(e.get("steps_to_ancestor_final"), ".0f") if "ancestor_final" in e else "n/a"]
+            if not acc:
+                cells += [_fmt(e.get("fid_digits"), ".1f"), _fmt(e.get("class_accuracy"), ".3f")]
+            lines.append("| " + " | ".join(cells) + " |")
         tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
         lines += ["", *[f"![{size} seed {s}](loss_{tag}_s{s}.png)" for s in c.seeds], ""]
-        if cfg.task == "diffusion":
+        if acc:
+            lines += [*[f"![{size} seed {s} accuracy](acc_{tag}_s{s}.png)" for s in c.seeds], ""]
+        else:
             lines += [f"![{size} samples](samples_{tag}.png)", ""]
     return "\n".join(lines) + "\n"

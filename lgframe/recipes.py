@@ -137,6 +137,7 @@ class CompareCfg:
     steps: int = 300  # each descendant and scratch model
     ancestor_steps: int = 800
     train_fraction: float = 1.0  # < 1: the limited-data setting for the descendants
+    descendant_data: Optional[str] = None  # another data source for the descendants (domain shift), e.g. shapes
     ancestor_recipe: str = "dit_digits_pretrain"
     descendant_recipe: str = "dit_digits_descend"
 

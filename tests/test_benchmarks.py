@@ -62,3 +62,36 @@ def test_weightspace_quick(tmp_path):
         assert r["psnr_mean"] > 10 and 0 <= r["classification_accuracy"] <= 1 and r["fid_digits"] > 0
     assert rows["full"]["numbers_per_item"] > rows["mlora"]["numbers_per_item"]
     assert (tmp_path / "weightspace_quick.png").stat().st_size > 1000
+
+
+def test_init_quality_quick(tmp_path):
+    run("init_quality.py", tmp_path)
+    d = json.loads((tmp_path / "init_quality_quick.json").read_text())["summary"]
+    assert set(d) == {"dit", "vit"}
+    for family, quality in (("dit", "val/loss"), ("vit", "val/acc")):
+        base = d[family]["base"]
+        assert base["quality"] == quality
+        (rows,) = base["sizes"].values()
+        assert set(rows) == {"scratch", "svd", "select"}
+        assert rows["select"]["ratio_to_select"] in (1.0, None)
+        for e in rows.values():
+            assert "ancestor_final" in e or e is rows["scratch"]
+            if family == "vit":
+                assert 0 <= e["initial_acc"] <= 1 and 0 <= e["final_acc"] <= 1
+    # a descendant of the DiT starts below scratch's untrained loss
+    rows = next(iter(d["dit"]["base"]["sizes"].values()))
+    assert rows["svd"]["initial"] < rows["scratch"]["initial"]
+    assert (tmp_path / "init_quality_quick.png").stat().st_size > 1000
+
+
+def test_kind_transfer_quick(tmp_path):
+    run("kind_transfer.py", tmp_path)
+    d = json.loads((tmp_path / "kind_transfer_quick.json").read_text())
+    p = d["parameters"]
+    assert p["learngene only"] < p["classes 0,3,7"] < p["full"]
+    g = d["generation_classes_0_3_7"]  # the kept classes compute exactly what the full model does
+    assert g["classes 0,3,7"] == g["full"]
+    assert set(d["shift"]) == {"learngene only (fresh tailors)", "full-model transfer", "scratch"}
+    for r in d["shift"].values():
+        assert r["final"] < r["initial"]  # every run learns the shapes
+    assert (tmp_path / "kind_transfer_quick.png").stat().st_size > 1000
