@@ -12,9 +12,11 @@ Variants (DESIGN.md's benchmark protocol): `base` (descendants on the
 ancestor's data), `shift` (ancestor on digits, descendants on the generated
 shapes: knowledge must transfer rather than copy), `limited` (descendants see
 10% of the training split). The ancestors are trained once per family and
-shared by the variants.
+shared by the variants. Seeds: the smaller descendant 3 (`--seeds`), the
+larger 1 (`--large-seeds`: it costs ~6x the smaller one on a CPU); shift and
+limited run the smaller size with 1 seed (`--variant-seeds`).
 
-    python benchmarks/init_quality.py            # full: base 3 seeds, shift/limited 1 seed
+    python benchmarks/init_quality.py            # full (~1 h per family on one core)
     python benchmarks/init_quality.py --quick    # svd and select only, ~2 min smoke run (run by the tests)
     # --families dit|vit (one process per family on two cores: --threads 1 each),
     # --variants base,shift,limited, --seeds N, --variant-seeds N
@@ -47,7 +49,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per descendant in the base variant (default 3)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the smaller descendant in the base variant (default 3)")
+    ap.add_argument("--large-seeds", type=int, default=1, help="seeds of the larger descendant in the base variant (default 1)")
     ap.add_argument("--variant-seeds", type=int, default=1, help="seeds in the shift and limited variants (default 1)")
     ap.add_argument("--families", default="dit,vit", help="comma-separated: dit, vit")
     ap.add_argument("--variants", default="base,shift,limited", help=f"comma-separated: {', '.join(VARIANTS)}")
@@ -77,27 +80,39 @@ def main() -> None:
             if family not in args.families.split(","):
                 continue
             for variant in variants:
-                seeds = [0] if q else list(range(args.seeds if variant == "base" else args.variant_seeds))
-                # one output folder per family: the variants reuse its ancestors and learngenes
-                cfg = load_recipe("compare_digits", [
-                    f"task={task}", f"model.name={model}", f"out_dir={work}", f"name=init_quality_{family}",
-                    "trainer.progress=false", f"compare.constraints=[{','.join(methods)}]",
-                    f"compare.sizes=[{','.join(sizes)}]", f"compare.seeds={seeds}", f"compare.steps={10 if q else 300}",
-                    f"compare.ancestor_steps={30 if q else 800}", f"compare.ancestor_recipe={anc}",
-                    f"compare.descendant_recipe={desc}", *VARIANTS[variant],
-                ])
-                report = run_compare(cfg, samples=0 if q else 300)
-                result = json.loads((report.parent / "compare.json").read_text())
-                for f in ("compare.json", "report.md"):  # the next variant writes the same folder
-                    (report.parent / f.replace(".", f"_{variant}.")).write_bytes((report.parent / f).read_bytes())
-                table = result["summary"]
+                # (sizes, seeds) per compare call: the larger descendant costs ~6x the smaller one on a CPU,
+                # so it gets --large-seeds; shift and limited run the smaller size only
+                if q:
+                    calls = [(sizes, [0])]
+                elif variant == "base":
+                    calls = [(sizes[:1], list(range(args.seeds))), (sizes[1:], list(range(args.large_seeds)))]
+                else:
+                    calls = [(sizes[:1], list(range(args.variant_seeds)))]
+                table, seeds_of, wall = {}, {}, 0.0
+                for call_sizes, seeds in calls:
+                    # one output folder per family: every call reuses its ancestors, learngenes and finished runs
+                    cfg = load_recipe("compare_digits", [
+                        f"task={task}", f"model.name={model}", f"out_dir={work}", f"name=init_quality_{family}",
+                        "trainer.progress=false", f"compare.constraints=[{','.join(methods)}]",
+                        f"compare.sizes=[{','.join(call_sizes)}]", f"compare.seeds={seeds}",
+                        f"compare.steps={10 if q else 300}", f"compare.ancestor_steps={30 if q else 800}",
+                        f"compare.ancestor_recipe={anc}", f"compare.descendant_recipe={desc}", *VARIANTS[variant],
+                    ])
+                    report = run_compare(cfg, samples=0 if q else 300)
+                    result = json.loads((report.parent / "compare.json").read_text())
+                    for f in ("compare.json", "report.md"):  # the next call writes the same folder
+                        tag = f"{variant}_{call_sizes[0]}".replace("/", "_").replace(" ", "_").replace("=", "")
+                        (report.parent / f.replace(".", f"_{tag}.")).write_bytes((report.parent / f).read_bytes())
+                    table |= result["summary"]
+                    seeds_of |= {size: seeds for size in call_sizes}
+                    wall += result["wall_seconds"]
                 for rows in table.values():
                     sel = rows.get("select", {}).get("steps_to_scratch_final")
                     for e in rows.values():
                         s = e["steps_to_scratch_final"]
                         e["ratio_to_select"] = (s / sel) if sel and s is not None else None
-                summary.setdefault(family, {})[variant] = {"quality": result["quality"], "seeds": seeds,
-                                                           "wall_seconds": result["wall_seconds"], "sizes": table}
+                summary.setdefault(family, {})[variant] = {"quality": result["quality"], "seeds": seeds_of,
+                                                           "wall_seconds": round(wall, 1), "sizes": table}
     out = Path(args.out)
     stem = "init_quality_quick" if q else "init_quality"
     path = out / f"{stem}.json"

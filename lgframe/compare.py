@@ -8,6 +8,9 @@ and extract their learngenes from it. Each learngene initializes every size of
 for `compare.steps` steps on the same data and seeds (`compare.descendant_data`
 moves the descendants to another data source, a domain shift;
 `compare.train_fraction` < 1 gives them a part of the training split).
+Finished runs already in the output folder with the same settings are
+reused, so an interrupted compare continues and one with more seeds or sizes
+adds to what is there.
 
 Quality is the validation loss for a DiT and the validation accuracy for a
 ViT. The report (markdown + PNG) gives per size and method: quality at step 0
@@ -24,13 +27,13 @@ import statistics
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lgframe.constraint import TransformConstraint, constraint_class, constraint_names
-from lgframe.io import write_json, write_text
+from lgframe.io import load_checkpoint, write_json, write_text
 from lgframe.models import parse_size
 from lgframe.recipes import load_recipe
-from lgframe.run import RunResult, evaluate, extract_learngene, fit, plot_curves, read_curve
+from lgframe.run import RunResult, evaluate, extract_learngene, fit, load_task, plot_curves, read_curve
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float, higher: bool = False) -> int | None:
@@ -76,11 +79,39 @@ def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, P
 
 
 def _reuse_or_fit(cfg: DictConfig, out: Path, overrides: list[str], name: str) -> RunResult:
-    ckpt = out / name / "checkpoints" / "last.ckpt"
-    if ckpt.exists():
-        return RunResult(out / name, ckpt)
-    return fit(load_recipe(cfg.compare.ancestor_recipe, overrides + [f"trainer.max_steps={cfg.compare.ancestor_steps}"]),
-               extract_learngene=False)
+    return fit_or_reuse(load_recipe(cfg.compare.ancestor_recipe, overrides + [f"trainer.max_steps={cfg.compare.ancestor_steps}"]),
+                        load=False)
+
+
+def finished_run(cfg: DictConfig) -> Path | None:
+    """The checkpoint of a finished run of this recipe in its run directory
+    (`out_dir/name`): same settings (progress bars aside) and all steps done."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not (ckpt.is_file() and (run_dir / "config.yaml").is_file()):
+        return None
+
+    def settings(c):
+        d = OmegaConf.to_container(c, resolve=True)
+        d["trainer"].pop("progress", None)
+        return d
+
+    if settings(OmegaConf.load(run_dir / "config.yaml")) != settings(cfg):
+        return None
+    return ckpt if load_checkpoint(ckpt).get("global_step", -1) >= cfg.trainer.max_steps else None
+
+
+def fit_or_reuse(cfg: DictConfig, load: bool = True) -> RunResult:
+    """`fit`, unless a finished run of the same recipe is in its run directory:
+    then that run (and with `load` its final model). So a compare that stopped
+    continues where it was, and one with more seeds or sizes adds to the runs
+    it already has."""
+    ckpt = finished_run(cfg)
+    if ckpt is None:
+        return fit(cfg, extract_learngene=False)
+    run_dir = ckpt.parent.parent
+    return RunResult(run_dir, ckpt, read_curve(run_dir, "val/loss"), read_curve(run_dir, "val/acc"),
+                     task=load_task(ckpt) if load else None)
 
 
 def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
@@ -105,11 +136,11 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
                       *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
                       f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={data}",
                       f"data.train_fraction={c.train_fraction}", "trainer.progress=" + str(cfg.trainer.progress).lower()]
-            runs = {"scratch": fit(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}", "constraint=scratch"]),
-                                   extract_learngene=False)}
+            runs = {"scratch": fit_or_reuse(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}",
+                                                                                        "constraint=scratch"]))}
             for name, lg in learngenes.items():
-                runs[name] = fit(load_recipe(c.descendant_recipe, common + [
-                    f"name={tag}_{name}_s{seed}", f"constraint={name}", f"init.source={lg}"]), extract_learngene=False)
+                runs[name] = fit_or_reuse(load_recipe(c.descendant_recipe, common + [
+                    f"name={tag}_{name}_s{seed}", f"constraint={name}", f"init.source={lg}"]))
             for name, r in runs.items():
                 row = {"seed": seed, "curve": r.curve, "acc_curve": r.acc_curve, "initial": r.initial_loss,
                        "final": r.final_loss}
