@@ -89,6 +89,12 @@ def test_learngene_of_an_imported_dit_descends_and_trains(tmp_path, name):
     assert main(["import", "diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "m.safetensors")]) == 0
     lg = tmp_path / "lg.safetensors"
     assert main(["learngene", str(tmp_path / "m.safetensors"), "--constraint", name, "--out", str(lg)]) == 0
+    # the README's third command: descend to a file of another size
+    assert main(["descend", str(lg), "--model", "depth=2", "width=32", "heads=2", "--out", str(tmp_path / "d.safetensors")]) == 0
+    from lgframe.io import load_model
+
+    child, _ = load_model(tmp_path / "d.safetensors")
+    assert len(child.blocks) == 2 and child.config.width == 32
     res = fit(load_recipe("dit_digits_descend", [
         f"out_dir={tmp_path}", "name=child", f"constraint={name}", f"init.source={lg}", "model.depth=2",
         "model.width=32", "model.heads=2", "trainer.max_steps=30", "trainer.val_every=30", "init.unfreeze_at=10",
