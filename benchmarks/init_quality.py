@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--variant-seeds", type=int, default=1, help="seeds in the shift and limited variants (default 1)")
     ap.add_argument("--families", default="dit,vit", help="comma-separated: dit, vit")
     ap.add_argument("--variants", default="base,shift,limited", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--smaller-only", action="store_true", help="the smaller descendant only, in every variant")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = ap.parse_args()
     if args.threads:
@@ -85,7 +86,8 @@ def main() -> None:
                 if q:
                     calls = [(sizes, [0])]
                 elif variant == "base":
-                    calls = [(sizes[:1], list(range(args.seeds))), (sizes[1:], list(range(args.large_seeds)))]
+                    calls = [(sizes[:1], list(range(args.seeds)))]
+                    calls += [] if args.smaller_only else [(sizes[1:], list(range(args.large_seeds)))]
                 else:
                     calls = [(sizes[:1], list(range(args.variant_seeds)))]
                 table, seeds_of, wall = {}, {}, 0.0

@@ -23,6 +23,7 @@ final DiT.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -91,9 +92,12 @@ def finished_run(cfg: DictConfig) -> Path | None:
     if not (ckpt.is_file() and (run_dir / "config.yaml").is_file()):
         return None
 
-    def settings(c):
+    def settings(c):  # what decides the result: not where it is written, nor progress bars
         d = OmegaConf.to_container(c, resolve=True)
+        d.pop("out_dir", None)
         d["trainer"].pop("progress", None)
+        if d["init"].get("source"):
+            d["init"]["source"] = os.path.realpath(d["init"]["source"])
         return d
 
     if settings(OmegaConf.load(run_dir / "config.yaml")) != settings(cfg):
