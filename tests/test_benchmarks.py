@@ -64,6 +64,7 @@ def test_weightspace_quick(tmp_path):
     assert (tmp_path / "weightspace_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # two compares (DiT and ViT), a few minutes: keeps the default run under 15 min
 def test_init_quality_quick(tmp_path):
     run("init_quality.py", tmp_path)
     d = json.loads((tmp_path / "init_quality_quick.json").read_text())["summary"]
@@ -84,6 +85,7 @@ def test_init_quality_quick(tmp_path):
     assert (tmp_path / "init_quality_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_kind_transfer_quick(tmp_path):
     run("kind_transfer.py", tmp_path)
     d = json.loads((tmp_path / "kind_transfer_quick.json").read_text())
