@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lgframe.compare import run_compare
+from lgframe.compare import run_compare, size_tag
 from lgframe.constraint import constraint_names
 from lgframe.io import atomic_path, write_json
 from lgframe.recipes import load_recipe
@@ -102,8 +102,8 @@ def main() -> None:
                     ])
                     report = run_compare(cfg, samples=0 if q else 300)
                     result = json.loads((report.parent / "compare.json").read_text())
+                    tag = f"{variant}_{size_tag(call_sizes[0])}"
                     for f in ("compare.json", "report.md"):  # the next call writes the same folder
-                        tag = f"{variant}_{call_sizes[0]}".replace("/", "_").replace(" ", "_").replace("=", "")
                         (report.parent / f.replace(".", f"_{tag}.")).write_bytes((report.parent / f).read_bytes())
                     table |= result["summary"]
                     seeds_of |= {size: seeds for size in call_sizes}

@@ -64,12 +64,15 @@ def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, P
     dense ancestor serves every transform constraint."""
     learngenes: dict[str, Path] = {}
     finals: dict[str, float] = {}
+    runs: dict[str, RunResult] = {}  # the dense ancestor is looked up once
     key = quality_key(cfg.task)[0]
     for name in methods(cfg):
         lg = out / "learngenes" / f"{name}.safetensors"
         transform = issubclass(constraint_class(name), TransformConstraint)
         run_name = "ancestor_dense" if transform else f"ancestor_{name}"
-        run = _reuse_or_fit(cfg, out, base + [f"name={run_name}", f"constraint={'scratch' if transform else name}"], run_name)
+        if run_name not in runs:
+            runs[run_name] = _reuse_or_fit(cfg, base + [f"name={run_name}", f"constraint={'scratch' if transform else name}"])
+        run = runs[run_name]
         if not lg.exists():
             extract_learngene(run.checkpoint, lg, {"name": name} if transform else None)
         learngenes[name] = lg
@@ -79,9 +82,14 @@ def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, P
     return learngenes, finals
 
 
-def _reuse_or_fit(cfg: DictConfig, out: Path, overrides: list[str], name: str) -> RunResult:
+def _reuse_or_fit(cfg: DictConfig, overrides: list[str]) -> RunResult:
     return fit_or_reuse(load_recipe(cfg.compare.ancestor_recipe, overrides + [f"trainer.max_steps={cfg.compare.ancestor_steps}"]),
                         load=False)
+
+
+def size_tag(size: str) -> str:
+    """A size string as a file-name part: 'DiT-Pico/2 depth=3' -> 'DiT-Pico_2_depth3'."""
+    return size.replace("/", "_").replace(" ", "_").replace("=", "")
 
 
 def finished_run(cfg: DictConfig) -> Path | None:
@@ -133,7 +141,7 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     val_every = max(1, c.steps // 10)
     results: dict[str, dict[str, list[dict]]] = {}
     for size in c.sizes:
-        tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
+        tag = size_tag(size)
         name_, size_overrides = parse_size(size)
         for seed in c.seeds:
             common = [f"out_dir={out / 'runs'}", f"model.name={name_ or cfg.model.name}",
@@ -275,7 +283,7 @@ def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
             if not acc:
                 cells += [_fmt(e.get("fid_digits"), ".1f"), _fmt(e.get("class_accuracy"), ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
-        tag = size.replace("/", "_").replace(" ", "_").replace("=", "")
+        tag = size_tag(size)
         lines += ["", *[f"![{size} seed {s}](loss_{tag}_s{s}.png)" for s in c.seeds], ""]
         if acc:
             lines += [*[f"![{size} seed {s} accuracy](acc_{tag}_s{s}.png)" for s in c.seeds], ""]
