@@ -217,7 +217,7 @@ def cmd_weightspace(args) -> int:
     if args.stage == "train":
         ds = ws.WeightDataset.load(args.recipe)
         over = ws.load_cfg(None, args.overrides)
-        for k in ("dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed"):
+        for k in ("tokens", "components", "token_channels", "dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed"):
             if any(o.startswith(k + "=") for o in args.overrides):
                 setattr(ds.cfg, k, getattr(over, k))
         task, stats = ws.train_generator(ds)

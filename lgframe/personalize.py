@@ -281,6 +281,9 @@ class PersonalizeTask(DiffusionTask):
 
     def __init__(self, recipe: dict, model: DiT, subject: int):
         super().__init__(recipe, model)
+        if self.noise_scheduler.config.prediction_type != "epsilon":
+            raise LgframeError("personalize trains noise prediction: diffusion.prediction must be epsilon, "
+                               f"not {self.noise_scheduler.config.prediction_type!r}")
         p = recipe["personalize"]
         self.subject = subject
         self.front, self.back = p["skip_front"], p["skip_back"]

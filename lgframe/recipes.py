@@ -85,7 +85,11 @@ class DiffusionCfg:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     label_dropout: float = 0.1  # probability of the null class during training (CFG)
-    clip_sample: bool = True  # samplers clip the predicted x0 to [-1, 1] (images); off for unbounded data (weights)
+    clip_sample: bool = True  # samplers clip the predicted x0 (and the sample) to [-clip_range, clip_range]
+    clip_range: float = 1.0  # 1 for images in [-1, 1]; wider for standardized data (weight tokens)
+    # What the model predicts (diffusers' prediction_type): epsilon (the noise; DiT's own), v_prediction
+    # (v = sqrt(abar) eps - sqrt(1 - abar) x0, stable at high noise for unclipped data) or sample (x0).
+    prediction: str = "epsilon"
 
 
 @dataclass
@@ -307,6 +311,12 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"teacher '{cfg.teacher}' does not exist; give a model .safetensors or a .ckpt written by lgframe")
     if cfg.distill.temperature <= 0 or cfg.distill.weight < 0 or cfg.distill.task_weight < 0:
         raise LgframeError("distill: temperature must be > 0, weight and task_weight >= 0")
+    from lgframe.tasks import PREDICTIONS
+
+    if cfg.diffusion.prediction not in PREDICTIONS:
+        raise LgframeError(f"diffusion.prediction={cfg.diffusion.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+    if not cfg.diffusion.clip_range > 0:
+        raise LgframeError(f"diffusion.clip_range={cfg.diffusion.clip_range}; valid: a number > 0 (1 for images in [-1, 1])")
     if not 0 < cfg.mim.mask_ratio < 1:
         raise LgframeError(f"mim.mask_ratio={cfg.mim.mask_ratio}; valid: a fraction strictly between 0 and 1")
 

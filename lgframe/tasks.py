@@ -30,6 +30,7 @@ from lgframe.layout import Layout
 
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
+PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusers' prediction_type values
 
 
 class LgTask(pl.LightningModule):
@@ -183,7 +184,8 @@ class DiffusionTask(LgTask):
         d = recipe["diffusion"]
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=d["num_train_timesteps"], beta_schedule=d["beta_schedule"],
-            clip_sample=d.get("clip_sample", True),
+            clip_sample=d.get("clip_sample", True), clip_sample_range=d.get("clip_range", 1.0),
+            prediction_type=d.get("prediction", "epsilon"),
         )
         self.null_class = model.config.num_classes
 
@@ -197,12 +199,19 @@ class DiffusionTask(LgTask):
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         x_t = self.noise_scheduler.add_noise(x, noise, t)
         eps = self.model(x_t, t, y)[:, : x.shape[1]]  # extra (sigma) channels unused
-        loss = F.mse_loss(eps, noise)
+        loss = F.mse_loss(eps, self.target(x, noise, t))
         if self.teacher is not None and stage is not None:
             with torch.no_grad():
                 target = self.teacher(x_t, t, y)[:, : x.shape[1]]
             loss = self.distill(loss, eps, target, stage)
         return loss
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model learns to output under `diffusion.prediction` (the noise by default)."""
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        return x0 if kind == "sample" else noise
 
     def match_teacher(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(student, teacher)  # WAVE for a DiT: the teacher's noise prediction
@@ -236,7 +245,9 @@ class DiffusionTask(LgTask):
         uncond_model: nn.Module | None = None,
         batch_size: int = 500,
     ) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance:
+        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance
+        (clamped to [-clip_range, clip_range] under `diffusion.clip_sample`, the default, as the
+        sampler clips its predicted x0; without it, unbounded data keep their range):
         eps = eps_u(x_t, null) + guidance * (eps(x_t, c) - eps_u(x_t, null)).
 
         The unconditional term comes from the model's own null class, or from
@@ -292,7 +303,8 @@ class DiffusionTask(LgTask):
             x = sched.step(eps, t, x, generator=g).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
         for m, mode in zip(models, modes):
             m.train(mode)
-        return x.clamp(-1, 1)
+        c = self.noise_scheduler.config
+        return x.clamp(-c.clip_sample_range, c.clip_sample_range) if c.clip_sample else x
 
 
 def check_same_inputs(model: nn.Module, other: nn.Module, what: str = "the unconditional prior") -> None:

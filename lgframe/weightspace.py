@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from lgframe.errors import LgframeError
 
 REPRS = ("mlora", "lora", "full")
+TOKENS = ("pca", "layer")
 DATA = ("digits", "shapes", "imagefolder")
 FORMAT = "lgframe-weightspace"
 
@@ -88,6 +89,9 @@ class WeightspaceCfg:
     pixels: int = 256  # random pixels per fitting step (0: all)
     out: str = "weightspace.safetensors"
     # Generation (train/sample): DiT over weight tokens.
+    tokens: str = "pca"  # pca (whitened principal components) | layer (rank components per layer)
+    components: int = 64  # pca: principal components kept (capped at the weight vectors' rank)
+    token_channels: int = 16  # pca: components per token
     dit: str = "DiT-Pico/1"
     dit_steps: int = 2000
     dit_batch: int = 64
@@ -103,6 +107,11 @@ def check_cfg(c: WeightspaceCfg) -> None:
     if c.data not in DATA:
         raise LgframeError(f"data={c.data!r}; valid: {', '.join(DATA)}")
     for k in ("size", "n", "rank", "steps", "batch_items"):
+        if getattr(c, k) < 1:
+            raise LgframeError(f"{k}={getattr(c, k)} must be >= 1")
+    if c.tokens not in TOKENS:
+        raise LgframeError(f"tokens={c.tokens!r}; valid: {', '.join(TOKENS)}")
+    for k in ("components", "token_channels"):
         if getattr(c, k) < 1:
             raise LgframeError(f"{k}={getattr(c, k)} must be >= 1")
     if not 0 <= c.mask_fraction < 1:
@@ -470,22 +479,47 @@ def classify(v: torch.Tensor, y: torch.Tensor, train_fraction: float = 0.8, step
 
 # ------------------------------------------------------------------ generation
 def token_grid(ds: WeightDataset) -> tuple[torch.Tensor, dict]:
-    """Weight tokens as DiT inputs (N, length, g, g), standardized per position (stats returned)."""
-    a = ds.adapter
-    t = a.to_tokens(ds.weights)  # (N, T, L)
-    n_tok, length = t.shape[1:]
+    """Weight tokens as DiT inputs (N, channels, g, g) on a g x g grid, and the stats that invert them.
+
+    tokens=pca (default): the weight vectors are centred and projected on their
+    first `components` principal axes (from the dataset's SVD), each whitened to
+    unit variance, and cut into tokens of `token_channels` consecutive
+    components. A linear, fixed change of basis: linear correlations between
+    weights (which per-layer tokens leave to attention, and a small DiT does not
+    learn from a thousand items) are removed up front, and dropping the smallest
+    components keeps the generator's task to what a thousand items determine.
+    tokens=layer: one token per rank component of a layer (a row of A and a
+    column of B, or a row of D), standardized per position."""
+    c, v = ds.cfg, ds.weights
+    if c.tokens == "layer":
+        t = ds.adapter.to_tokens(v)  # (N, T, L)
+        n_tok, length = t.shape[1:]
+        g = math.ceil(math.sqrt(n_tok))
+        t = F.pad(t, (0, 0, 0, g * g - n_tok))
+        mu, sd = t.mean(0), t.std(0)
+        sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+        z = ((t - mu) / sd).transpose(1, 2).reshape(len(t), length, g, g)
+        return z, {"kind": "layer", "mu": mu, "sd": sd, "tokens": n_tok, "grid": g}
+    mu = v.mean(0)
+    _, S, Vh = torch.linalg.svd((v - mu).double(), full_matrices=False)
+    k = min(c.components, int((S > S[0] * 1e-4).sum()))  # float32 data: below is rounding
+    V, scale = Vh[:k].T.float().contiguous(), (S[:k] / math.sqrt(max(len(v) - 1, 1))).float()
+    L = c.token_channels
+    n_tok = math.ceil(k / L)
     g = math.ceil(math.sqrt(n_tok))
-    t = F.pad(t, (0, 0, 0, g * g - n_tok))
-    mu, sd = t.mean(0), t.std(0)
-    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
-    z = ((t - mu) / sd).transpose(1, 2).reshape(len(t), length, g, g)
-    return z, {"mu": mu, "sd": sd, "tokens": n_tok, "grid": g}
+    coef = F.pad((v - mu) @ V / scale, (0, g * g * L - k))
+    z = coef.reshape(len(v), g * g, L).transpose(1, 2).reshape(len(v), L, g, g)
+    return z, {"kind": "pca", "mu": mu, "V": V, "scale": scale, "components": k, "tokens": n_tok, "grid": g}
 
 
 def from_token_grid(ds: WeightDataset, z: torch.Tensor, stats: dict) -> torch.Tensor:
+    """DiT outputs (N, channels, g, g) -> weight vectors (N, D)."""
     n, length, g, _ = z.shape
-    t = z.reshape(n, length, g * g).transpose(1, 2) * stats["sd"] + stats["mu"]
-    return ds.adapter.from_tokens(t[:, : stats["tokens"]])
+    t = z.reshape(n, length, g * g).transpose(1, 2)
+    if stats["kind"] == "layer":
+        return ds.adapter.from_tokens((t * stats["sd"] + stats["mu"])[:, : stats["tokens"]])
+    coef = t.reshape(n, -1)[:, : stats["components"]]
+    return stats["mu"] + (coef * stats["scale"]) @ stats["V"].T
 
 
 def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
@@ -494,7 +528,8 @@ def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
     from lgframe.recipes import load_recipe
 
     r = load_recipe("dit_digits_pretrain", ["constraint=scratch", f"optim.lr={c.dit_lr}", "optim.warmup_steps=50",
-                                            "diffusion.clip_sample=false", f"sample.guidance={c.guidance}",
+                                            "diffusion.clip_sample=false", "diffusion.prediction=v_prediction",
+                                            f"sample.guidance={c.guidance}",
                                             "sample.steps=50", f"seed={c.seed}"])
     return OmegaConf.to_container(r, resolve=True)
 
@@ -532,10 +567,10 @@ def save_generator(task, stats: dict, ds_path: str | os.PathLike, path: str | os
     from lgframe.io import model_meta, save_tensors
 
     t = {f"model/{k}": v.contiguous() for k, v in task.model.state_dict().items()}
-    t |= {"stats/mu": stats["mu"].contiguous(), "stats/sd": stats["sd"].contiguous()}
+    t |= {f"stats/{k}": v.contiguous() for k, v in stats.items() if isinstance(v, torch.Tensor)}
     meta = {"format": FORMAT + "-generator", "model": json.dumps(model_meta(task.model)),
-            "recipe": json.dumps(task.recipe), "tokens": str(stats["tokens"]), "grid": str(stats["grid"]),
-            "dataset": str(Path(ds_path).resolve())}
+            "recipe": json.dumps(task.recipe), "dataset": str(Path(ds_path).resolve()),
+            "stats": json.dumps({k: v for k, v in stats.items() if not isinstance(v, torch.Tensor)})}
     save_tensors(path, t, meta)
     return Path(path)
 
@@ -550,7 +585,7 @@ def load_generator(path: str | os.PathLike):
     state = {k[len("model/"):]: v for k, v in t.items() if k.startswith("model/")}
     model = build_model(json.loads(meta["model"]), state)
     task = DiffusionTask(json.loads(meta["recipe"]), model)
-    stats = {"mu": t["stats/mu"], "sd": t["stats/sd"], "tokens": int(meta["tokens"]), "grid": int(meta["grid"])}
+    stats = json.loads(meta["stats"]) | {k[len("stats/"):]: v for k, v in t.items() if k.startswith("stats/")}
     return task, stats, meta["dataset"]
 
 

@@ -62,6 +62,7 @@ def test_batched_sampling_matches_one_batch(task):
     assert torch.allclose(whole, parts, atol=1e-5)
 
 
+@pytest.mark.slow  # a benchmark's quick mode, about 2 minutes: keeps the default run under 15 min
 def test_cfg_prior_experiment_quick(tmp_path):
     import json
     import subprocess

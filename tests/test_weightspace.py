@@ -67,11 +67,17 @@ def test_dataset_round_trips_and_tokens_render(digits64, tmp_path):
         back = WeightDataset.load(ds.save(tmp_path / f"{rep}.safetensors"))
         assert torch.equal(back.weights, v) and torch.equal(back.labels, y[:8]) and back.cfg == cfg
         assert all(torch.equal(a, b) for a, b in zip(back.base.weights, base.weights))
+        for tokens in ("pca", "layer"):  # pca keeps all 7 components of 8 centred items: lossless here
+            back.cfg.tokens = tokens
+            z, stats = token_grid(back)
+            assert z.shape[2] == z.shape[3] == stats["grid"] and stats["kind"] == tokens
+            assert torch.allclose(from_token_grid(back, z, stats), v, atol=1e-4)
+            imgs = render_vectors(back.adapter, from_token_grid(back, torch.randn_like(z), stats), cfg.size)
+            assert imgs.shape == (8, 1, 32, 32) and imgs.abs().max() <= 1
+        back.cfg.tokens = "pca"
         z, stats = token_grid(back)
-        assert z.shape[2] == z.shape[3] == stats["grid"]
-        assert torch.allclose(from_token_grid(back, z, stats), v, atol=1e-5)
-        imgs = render_vectors(back.adapter, from_token_grid(back, torch.randn_like(z), stats), cfg.size)
-        assert imgs.shape == (8, 1, 32, 32) and imgs.abs().max() <= 1
+        assert z.shape[1] == 16 and stats["components"] == 7  # rank of 8 centred vectors
+        assert torch.allclose(z.flatten(1)[:, :7].std(0), torch.ones(7), atol=1e-4)  # whitened
     with pytest.raises(LgframeError, match="not a weight dataset"):
         torch.save({}, tmp_path / "x.pt")
         from lgframe.io import save_tensors
@@ -85,6 +91,8 @@ def test_config_errors():
         load_cfg(None, ["repr=dora"])
     with pytest.raises(LgframeError, match="valid keys"):
         load_cfg(None, ["rnak=4"])
+    with pytest.raises(LgframeError, match="valid: pca, layer"):
+        load_cfg(None, ["tokens=rows"])
 
 
 def test_cli_fit_train_sample(tmp_path):
@@ -94,6 +102,11 @@ def test_cli_fit_train_sample(tmp_path):
     ds = WeightDataset.load(ws)
     assert ds.weights.shape == (32, 780) and ds.cfg.repr == "mlora" and ds.cfg.mask
     assert main(["weightspace", "train", str(ws), "dit_steps=5", "dit_batch=16", "--out", str(gen)]) == 0
+    from lgframe.weightspace import load_generator
+
+    task, stats, path = load_generator(gen)
+    assert stats["kind"] == "pca" and stats["components"] == 31 and stats["V"].shape == (780, 31)
+    assert task.noise_scheduler.config.prediction_type == "v_prediction" and not task.noise_scheduler.config.clip_sample
     assert main(["weightspace", "sample", str(gen), "--n", "10", "--out", str(png)]) == 0
     from PIL import Image
 
