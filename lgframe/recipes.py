@@ -94,7 +94,7 @@ class DiffusionCfg:
 
 @dataclass
 class SampleCfg:
-    n: int = 100  # 10 per class for the 10-class data
+    n: int = 100  # 10 per class for the 10-class data; 0: no samples.png at the end of training
     steps: int = 50
     guidance: float = 2.0
     scheduler: str = "ddim"  # ddim | ddpm | dpm (DPM-Solver++ multistep)
@@ -315,6 +315,8 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.diffusion.prediction not in PREDICTIONS:
         raise LgframeError(f"diffusion.prediction={cfg.diffusion.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+    if cfg.sample.n < 0:
+        raise LgframeError(f"sample.n={cfg.sample.n}; valid: 0 (no sample grid) or more")
     if not cfg.diffusion.clip_range > 0:
         raise LgframeError(f"diffusion.clip_range={cfg.diffusion.clip_range}; valid: a number > 0 (1 for images in [-1, 1])")
     if not 0 < cfg.mim.mask_ratio < 1:

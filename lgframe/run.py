@@ -279,7 +279,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         if extract_learngene and spec is not None:
             result.learngene = paths_for(run_dir / "learngene.safetensors")[0]
             get_constraint(spec.to_dict()).learngene(model).save(result.learngene)
-        if isinstance(task, DiffusionTask):
+        if isinstance(task, DiffusionTask) and cfg.sample.n > 0:  # sample.n=0: no sample grid
             result.samples = run_dir / "samples.png"
             sampler = task if not sharded else make_task(recipe, model)
             save_sample_grid(sampler, result.samples, n=cfg.sample.n, **sampling_kwargs(uncond_from=cfg.sample.uncond_from))

@@ -9,7 +9,7 @@ import pytest
 from lgframe.recipes import load_recipe
 from lgframe.run import fit, read_curve
 
-QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false"]
+QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 SIZES = {"smaller": ["model.depth=3"], "larger": ["model.depth=6", "model.width=96", "model.heads=3"]}
 FAMILY = {"dit": ("dit_digits_pretrain", "dit_digits_descend", "DiT-Pico/2", 200),
           "vit": ("vit_digits_pretrain", "vit_digits_descend", "ViT-Pico/2", 200)}

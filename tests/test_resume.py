@@ -13,7 +13,7 @@ from lgframe.run import fit, read_curve
 
 # 11 steps of 128 = one digits epoch; checkpoints and validations at epoch ends.
 RUN = ["model.name=DiT-Pico/2", "trainer.val_every=11", "trainer.checkpoint_every=11", "trainer.progress=false",
-       "optim.warmup_steps=0", "ema.decay=0.9"]
+       "optim.warmup_steps=0", "ema.decay=0.9", "sample.n=0"]
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path):
