@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 
 from lgframe.io import atomic_path, write_json
-from lgframe.weightspace import (Adapter, Base, WeightDataset, WeightspaceCfg, classify, field_images, fit_base,
-                                 fit_items, from_token_grid, render_vectors, sample_weights, score_digits, token_grid,
-                                 train_generator)
+from lgframe.weightspace import (Adapter, Base, WeightDataset, WeightspaceCfg, class_gaussian, classify, field_images,
+                                 fit_base, fit_items, render_vectors, sample_weights, score_digits, train_generator)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {
@@ -110,17 +109,6 @@ def main() -> None:
     })
     grid(x[:10], recon, gen, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
-
-
-def class_gaussian(ds: WeightDataset, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Weight vectors drawn per class from independent normals over the generator's tokens
-    (each class's mean and std per token entry)."""
-    z, stats = token_grid(ds)
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.stack([z[ds.labels == k].mean(0) for k in range(int(ds.labels.max()) + 1)])
-    std = torch.stack([z[ds.labels == k].std(0) for k in range(int(ds.labels.max()) + 1)])
-    draw = mean[labels] + std[labels] * torch.randn((len(labels), *z.shape[1:]), generator=g)
-    return from_token_grid(ds, draw, stats)
 
 
 def grid(real, recon, gen, path: Path) -> None:

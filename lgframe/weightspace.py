@@ -522,6 +522,18 @@ def from_token_grid(ds: WeightDataset, z: torch.Tensor, stats: dict) -> torch.Te
     return stats["mu"] + (coef * stats["scale"]) @ stats["V"].T
 
 
+def class_gaussian(ds: WeightDataset, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A reference generator: weight vectors drawn per class from independent normals over the
+    DiT's tokens (each class's mean and std per token entry). A generator that learned no more
+    than each class's mean and spread does not beat it."""
+    z, stats = token_grid(ds)
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.stack([z[ds.labels == k].mean(0) for k in range(int(ds.labels.max()) + 1)])
+    std = torch.stack([z[ds.labels == k].std(0) for k in range(int(ds.labels.max()) + 1)])
+    draw = mean[labels] + std[labels] * torch.randn((len(labels), *z.shape[1:]), generator=g)
+    return from_token_grid(ds, draw, stats)
+
+
 def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
     from omegaconf import OmegaConf
 
