@@ -411,6 +411,11 @@ class Constraint(ABC):
         delattr(model, SPEC_ATTR)
         return model
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning rate of a param group relative to optim.lr when the recipe sets none for it
+        (optim.learngene_lr / optim.scaler_lr win). Default: every group at optim.lr."""
+        return {}
+
     def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         """{'learngene': bank tensors, 'scalers': per-layer scalers, 'free': the rest}."""
         self._require_attached(model)

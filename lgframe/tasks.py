@@ -98,8 +98,10 @@ class LgTask(pl.LightningModule):
         groups["free"] = groups["free"] + self.extra_parameters()
         lrs = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
         names = [name for name, ps in groups.items() if any(p.requires_grad for p in ps)]
+        scales = self.constraint.lr_scales()
         param_groups = [
-            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] or o["lr"], "name": n} for n in names
+            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] or o["lr"] * scales.get(n, 1.0), "name": n}
+            for n in names
         ]
         if o["name"] == "sgd":
             opt = torch.optim.SGD(param_groups, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"])
