@@ -47,7 +47,9 @@ that layer (zero-initialized roles stay zero).
 The forward pass keeps no dense copy: it builds the layer's core
 sum_i A[l, i] G[i] (q, s) and applies C, core and B to the activations (cheaper
 for few tokens or small ranks), or builds W^l = B core C^T first (cheaper for
-many tokens at high ranks); nothing is cached across steps.
+many tokens at high ranks); nothing is cached across steps. Within one
+forward of the whole model, the cores of all layers of a role are one batched
+product (`TuckerBank.core`).
 
 Descent to (L', m', n'): A' = A interpolated over normalized depth; B', C' =
 the rows of B, C picked by the layout's consistent width selection
@@ -131,8 +133,25 @@ class TuckerBank(Bank):
     """factors[role] = {G (p, q, s), B (m, q), C (n, s)}; layer l holds A (p,)."""
 
     def core(self, mod: ConstrainedLinear) -> torch.Tensor:
-        """Layer core sum_i A[l, i] G[i], (q, s)."""
-        return torch.tensordot(mod.A, self.of(mod)["G"], dims=1)
+        """Layer core sum_i A[l, i] G[i], (q, s).
+
+        Inside a forward of the whole model (see `open_core_cache`) the cores
+        of all layers of a role come from one product A (L, p) @ G (p, q*s),
+        unbound per layer, instead of L products that each read G and each
+        write a full-size gradient of G in the backward: at DiT-B size (G of
+        12 x 768 x 768 per role) that memory traffic cost more than the
+        matmuls the factors replace. Nothing outlives the forward."""
+        cache = self.__dict__.get("_lg_cores")
+        if cache is None:
+            return torch.tensordot(mod.A, self.of(mod)["G"], dims=1)
+        cores = cache.get(mod.role)
+        if cores is None:
+            layers = cache["layers"][mod.role]
+            G = self.of(mod)["G"]
+            A = torch.stack([m.A for m in layers])  # (L, p)
+            stacked = (A @ G.reshape(G.shape[0], -1)).reshape(len(layers), *G.shape[1:])
+            cores = cache[mod.role] = dict(zip((m.layer for m in layers), stacked.unbind(0)))
+        return cores[mod.layer]
 
     def weight(self, mod: ConstrainedLinear) -> torch.Tensor:
         f = self.of(mod)
@@ -164,6 +183,32 @@ class TuckerBank(Bank):
         if nested is not None:
             y = y.new_zeros(*y.shape[:-1], mod.out_features).index_copy(-1, out_idx, y)
         return y
+
+
+def open_core_cache(root: nn.Module, args) -> None:
+    """Forward pre-hook on the model root: the bank may batch its layer cores
+    for this forward. Off where the per-layer scalers are sharded (FSDP2
+    DTensors: only the running block's are gathered)."""
+    bank = getattr(root, BANK, None)
+    if not isinstance(bank, TuckerBank):
+        return
+    layers: dict[str, list[ConstrainedLinear]] = {}
+    for m in root.modules():
+        if isinstance(m, ConstrainedLinear):
+            if type(m.A).__name__ == "DTensor":
+                return
+            layers.setdefault(m.role, []).append(m)
+    object.__setattr__(bank, "_lg_cores", {"layers": layers})
+
+
+def close_core_cache(root: nn.Module, args, output) -> None:
+    """Forward hook on the model root (also called when the forward raised)."""
+    bank = getattr(root, BANK, None)
+    if isinstance(bank, TuckerBank):
+        object.__setattr__(bank, "_lg_cores", None)
+
+
+CORE_CACHE_HOOKS = (open_core_cache, close_core_cache)
 
 
 # ------------------------------------------------------------------ factorization
@@ -301,7 +346,18 @@ class Tucker(Constraint):
             self.options.ranks = {r.name: list(fixed.get(r.name) or self.ranks_of(r)) for r in roles}
             for ratio in self.options.width_ratios or ():
                 nested_dims(model_dims(model), ratio)  # whole heads, or an error now (not at step 1000)
-        return super().attach(model, layout, init)
+        super().attach(model, layout, init)
+        if not any(h is open_core_cache for h in model._forward_pre_hooks.values()):
+            model.register_forward_pre_hook(open_core_cache)
+            model.register_forward_hook(close_core_cache, always_call=True)
+        return model
+
+    def materialize(self, model: nn.Module) -> nn.Module:
+        model = super().materialize(model)
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, h in hooks.items() if h in CORE_CACHE_HOOKS]:
+                del hooks[key]
+        return model
 
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape
