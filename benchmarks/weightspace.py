@@ -15,8 +15,8 @@ and a PNG grid: originals, reconstructions, and generated samples per
 representation. `--work DIR` keeps each representation's fitted weight dataset
 there and reuses it on the next run with the same settings.
 
-    python benchmarks/weightspace.py            # 1000 digits, ~15 min on 1 thread
-    python benchmarks/weightspace.py --quick    # ~1 min (run by the tests)
+    python benchmarks/weightspace.py            # 1000 digits, ~25 min on 1 thread
+    python benchmarks/weightspace.py --quick    # ~40 s (run by the tests)
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main() -> None:
         c = replace(base_cfg, **over)
         cached = Path(args.work) / f"{name}_{n}_{steps}.safetensors" if args.work else None
         t0 = time.time()
-        if cached and cached.is_file() and WeightDataset.load(cached).cfg == c:
-            ds = WeightDataset.load(cached)
+        ds = WeightDataset.load(cached) if cached and cached.is_file() else None
+        if ds is not None and ds.cfg == c:
             v, s = ds.weights, ds.psnr
         else:
             v, s = fit_items(Adapter(base, c), x, c.steps, c.lr, c.batch_items, progress=False, pixels=c.pixels)

@@ -272,6 +272,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 OBJECTIVES = ("supervised", "self_supervised")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusion.prediction: diffusers' prediction_type values
 
 
 def validate(cfg: DictConfig) -> None:
@@ -311,8 +312,6 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"teacher '{cfg.teacher}' does not exist; give a model .safetensors or a .ckpt written by lgframe")
     if cfg.distill.temperature <= 0 or cfg.distill.weight < 0 or cfg.distill.task_weight < 0:
         raise LgframeError("distill: temperature must be > 0, weight and task_weight >= 0")
-    from lgframe.tasks import PREDICTIONS
-
     if cfg.diffusion.prediction not in PREDICTIONS:
         raise LgframeError(f"diffusion.prediction={cfg.diffusion.prediction!r}; valid: {', '.join(PREDICTIONS)}")
     if cfg.sample.n < 0:

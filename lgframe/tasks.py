@@ -30,7 +30,6 @@ from lgframe.layout import Layout
 
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
-PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusers' prediction_type values
 
 
 class LgTask(pl.LightningModule):
@@ -200,12 +199,12 @@ class DiffusionTask(LgTask):
             drop = torch.rand(y.shape, device=y.device) < dropout
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
         x_t = self.noise_scheduler.add_noise(x, noise, t)
-        eps = self.model(x_t, t, y)[:, : x.shape[1]]  # extra (sigma) channels unused
-        loss = F.mse_loss(eps, self.target(x, noise, t))
+        pred = self.model(x_t, t, y)[:, : x.shape[1]]  # extra (sigma) channels unused
+        loss = F.mse_loss(pred, self.target(x, noise, t))
         if self.teacher is not None and stage is not None:
             with torch.no_grad():
                 target = self.teacher(x_t, t, y)[:, : x.shape[1]]
-            loss = self.distill(loss, eps, target, stage)
+            loss = self.distill(loss, pred, target, stage)
         return loss
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -106,14 +106,11 @@ def check_cfg(c: WeightspaceCfg) -> None:
         raise LgframeError(f"repr={c.repr!r}; valid: {', '.join(REPRS)}")
     if c.data not in DATA:
         raise LgframeError(f"data={c.data!r}; valid: {', '.join(DATA)}")
-    for k in ("size", "n", "rank", "steps", "batch_items"):
+    for k in ("size", "n", "rank", "steps", "batch_items", "components", "token_channels"):
         if getattr(c, k) < 1:
             raise LgframeError(f"{k}={getattr(c, k)} must be >= 1")
     if c.tokens not in TOKENS:
         raise LgframeError(f"tokens={c.tokens!r}; valid: {', '.join(TOKENS)}")
-    for k in ("components", "token_channels"):
-        if getattr(c, k) < 1:
-            raise LgframeError(f"{k}={getattr(c, k)} must be >= 1")
     if not 0 <= c.mask_fraction < 1:
         raise LgframeError(f"mask_fraction={c.mask_fraction} must be in [0, 1)")
 

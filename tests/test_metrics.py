@@ -36,6 +36,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
 
     from lgframe import metrics
 
+    # The rebuild is deterministic (checked on a short training; the full one is 600 steps).
+    a, b = metrics._train_classifier(steps=20), metrics._train_classifier(steps=20)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     monkeypatch.setenv("LGFRAME_CACHE", str(tmp_path))
     first = digits_classifier()  # trains and caches
     path = next(tmp_path.glob("digits_classifier_v*.safetensors"))
