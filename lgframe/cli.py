@@ -91,9 +91,26 @@ def cmd_fit(args, learngene: bool) -> int:
     return 0
 
 
+def _check_out(args, *inputs, folder: bool = False):
+    from lgframe.io import check_output
+
+    return check_output(args.out, [*inputs], overwrite=args.overwrite, folder=folder)
+
+
+def _check_learngene_out(args, *inputs) -> None:
+    """A learngene output is two files: NAME.safetensors and NAME.json."""
+    from lgframe.io import check_output
+    from lgframe.learngene import paths_for
+
+    ins = [p for i in inputs for p in ((i,) if i is None or Path(i).is_dir() else paths_for(i) + (Path(i),))]
+    for p in paths_for(args.out):
+        check_output(p, ins, overwrite=args.overwrite)
+
+
 def cmd_learngene(args) -> int:
     from lgframe.run import extract_learngene
 
+    _check_learngene_out(args, args.checkpoint)
     st, js = extract_learngene(args.checkpoint, args.out, args.constraint)
     manifest = json.loads(js.read_text())
     print(f"wrote {st} and {js}")
@@ -111,8 +128,10 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def cmd_descend(args) -> int:
+    from lgframe.learngene import paths_for
     from lgframe.run import descend_file
 
+    _check_out(args, args.learngene, *paths_for(args.learngene))
     model = descend_file(args.learngene, args.model, args.out, _parse_options(args.option))
     c = model.config
     n = sum(p.numel() for p in model.parameters())
@@ -128,6 +147,17 @@ def _sample_kw(args) -> dict:
     return sampling_kwargs(args.guidance, args.steps, args.scheduler, args.seed, args.uncond_from)
 
 
+def _check_sampling_args(args) -> None:
+    import math
+
+    if getattr(args, "n", 1) is not None and args.command == "sample" and args.n < 1:
+        raise LgframeError(f"--n {args.n}: the number of samples must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise LgframeError(f"--steps {args.steps}: sampling needs at least 1 step")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise LgframeError(f"--guidance {args.guidance}: the guidance scale must be a finite number (1 = no guidance)")
+
+
 def _add_sampling_args(s) -> None:
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps")
@@ -141,6 +171,8 @@ def cmd_sample(args) -> int:
     from lgframe.run import load_task, save_sample_grid
     from lgframe.tasks import DiffusionTask
 
+    _check_out(args, args.checkpoint, args.uncond_from)
+    _check_sampling_args(args)
     task = load_task(args.checkpoint)
     if not isinstance(task, DiffusionTask):
         raise LgframeError(f"'{args.checkpoint}' holds a {task.model.config.family} model; sampling needs a DiT")
@@ -153,6 +185,11 @@ def cmd_evaluate(args) -> int:
     from lgframe.recipes import load_recipe
     from lgframe.run import evaluate, load_task
 
+    if args.out:
+        _check_out(args, args.checkpoint, args.uncond_from, args.inception_weights)
+    if args.n < 0:
+        raise LgframeError(f"--n {args.n}: the number of generated samples must be 0 (none) or more")
+    _check_sampling_args(args)
     task = load_task(args.checkpoint)
     data = load_recipe(None, [f"data.name={args.data}"]).data
     res = evaluate(task, data, n_samples=args.n, inception_weights=args.inception_weights, **_sample_kw(args))
@@ -168,6 +205,7 @@ def cmd_import(args) -> int:
     from lgframe.convert import from_diffusers, from_timm
     from lgframe.io import save_model
 
+    _check_out(args, args.source)
     model = (from_diffusers if args.format == "diffusers" else from_timm)(args.source)
     save_model(model, args.out)
     c = model.config
@@ -180,12 +218,13 @@ def cmd_export(args) -> int:
     from lgframe.convert import to_diffusers, to_timm
     from lgframe.io import load_model
 
+    _check_out(args, args.checkpoint, folder=True)
     model, _ = load_model(args.checkpoint)
     if args.format == "diffusers":
-        to_diffusers(model, args.out)
+        to_diffusers(model, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
     else:
-        to_timm(model, args.out)
+        to_timm(model, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}: a timm VisionTransformer (timm.create_model('local-dir:{args.out}', pretrained=True))")
     return 0
 
@@ -193,8 +232,9 @@ def cmd_export(args) -> int:
 def cmd_encode(args) -> int:
     from lgframe.latents import encode_folder
 
+    _check_out(args, args.vae, args.images, folder=True)
     info = encode_folder(args.vae, args.images, args.out, image_size=args.image_size, channels=args.channels,
-                         crop=args.crop, batch_size=args.batch_size)
+                         crop=args.crop, batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {args.out}: {info['count']} latents {info['latent_channels']}x{info['latent_size']}x"
           f"{info['latent_size']} (scaling factor {info['scaling_factor']:g}), {len(info['class_names'])} classes; "
           f"train with data.name=latents data.path={args.out}")
@@ -206,8 +246,13 @@ def cmd_weightspace(args) -> int:
 
     from lgframe import weightspace as ws
 
+    if args.out is not None and args.stage == "fit":
+        raise LgframeError("weightspace fit: the output is the recipe key out=FILE, not --out")
     if args.stage == "fit":
         c = ws.load_cfg(args.recipe, args.overrides)
+        from lgframe.io import check_output
+
+        check_output(c.out, [args.recipe], overwrite=args.overwrite, what="out=")
         ds = ws.fit_dataset(c)
         ds.save(c.out)
         print(f"wrote {c.out}: {len(ds.weights)} items, {c.repr}{' + mask' if c.mask and c.repr != 'full' else ''} "
@@ -220,11 +265,16 @@ def cmd_weightspace(args) -> int:
         for k in ("tokens", "components", "token_channels", "dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed"):
             if any(o.startswith(k + "=") for o in args.overrides):
                 setattr(ds.cfg, k, getattr(over, k))
-        task, stats = ws.train_generator(ds)
         out = args.out or "weightspace_generator.safetensors"
+        _check_out(argparse.Namespace(out=out, overwrite=args.overwrite), args.recipe)
+        task, stats = ws.train_generator(ds)
         ws.save_generator(task, stats, args.recipe, out)
         print(f"wrote {out}: a DiT over {stats['tokens']} weight tokens ({stats['grid']}x{stats['grid']} grid)")
         return 0
+    if args.n < 1:
+        raise LgframeError(f"--n {args.n}: the number of samples must be at least 1")
+    out = args.out or "weightspace_samples.png"
+    _check_out(argparse.Namespace(out=out, overwrite=args.overwrite), args.recipe)
     task, stats, ds_path = ws.load_generator(args.recipe)
     ds = ws.WeightDataset.load(ds_path)
     k = int(ds.labels.max()) + 1
@@ -235,7 +285,6 @@ def cmd_weightspace(args) -> int:
 
     from lgframe.io import atomic_path
 
-    out = args.out or "weightspace_samples.png"
     with atomic_path(out) as tmp:
         save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
     print(f"wrote {out}: {n} generated fields rendered at {ds.cfg.size}x{ds.cfg.size}, one class per column")
@@ -252,6 +301,7 @@ def cmd_decompose(args) -> int:
         classes = [] if args.learngene_only else [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
         raise LgframeError(f"--classes {args.classes!r}: expected comma-separated class ids, e.g. 0,3,7") from None
+    _check_out(args, args.checkpoint)
     model, _ = load_model(args.checkpoint)
     small = decompose(model, classes)
     save_model(small, args.out)
@@ -285,6 +335,7 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     from lgframe.demo import run_demo
 
+    _check_out(args, folder=True)
     report = run_demo(Path(args.out), steps=args.steps, descendant_steps=args.descendant_steps, constraint=args.constraint)
     print(f"report: {report}")
     return 0
@@ -403,7 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--descendant-steps", type=int, default=300, help="steps for each descendant and scratch model")
     s.add_argument("--constraint", default="svd", help="the ancestor's constraint (any registered name; see `lgframe list`)")
     s.set_defaults(func=cmd_demo)
+    for name, sp in sub.choices.items():
+        if any("--out" in a.option_strings for a in sp._actions):
+            sp.add_argument("--overwrite", action="store_true",
+                            help="replace an existing output (never one of the command's inputs)")
     return p
+
+
+def user_message(e: BaseException) -> str:
+    """One paragraph for an error: an LgframeError as it is; a full disk or another
+    OS error by its cause and file; anything else by its type and first line."""
+    import errno
+
+    if isinstance(e, LgframeError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on the device while writing{' ' + repr(e.filename) if e.filename else ''}; free some space and run it again (what existed before was kept)."
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "file write failed" in str(e)):
+        return "a file could not be written (torch: file write failed); is the disk full? What existed before was kept."
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first} (run with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,15 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
         if args.debug:
             raise
-        if isinstance(e, LgframeError):
-            message = str(e)
-        elif isinstance(e, OSError) and e.filename:
-            message = f"{e.strerror}: {e.filename}"
-        else:
-            message = f"{type(e).__name__}: {e} (run with --debug for the traceback)"
+        message = user_message(e)
         print(textwrap.fill(f"error: {message}", width=100), file=sys.stderr)
         return 1
 

@@ -81,7 +81,22 @@ def _load_diffusers(source) -> nn.Module:
     if not (path / "config.json").is_file():
         raise LgframeError(f"'{path}' is not a diffusers model directory (no config.json); give a local folder "
                            "saved by DiTTransformer2DModel.save_pretrained. Nothing is downloaded.")
-    return DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True)
+    try:
+        if (path / "diffusion_pytorch_model.safetensors").is_file():
+            return DiTTransformer2DModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        weights = path / "diffusion_pytorch_model.bin"
+        if not weights.is_file():
+            raise LgframeError(f"'{path}' has no diffusion_pytorch_model.safetensors (or .bin) beside its config.json")
+        # A .bin is a pickle: read here with weights_only=True, never through a library's own loader.
+        from lgframe.io import load_checkpoint
+
+        model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(str(path)))
+        model.load_state_dict(load_checkpoint(weights, "diffusers weights file"), strict=True)
+        return model
+    except LgframeError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise LgframeError(f"diffusers could not load the DiT in '{path}': {str(e).splitlines()[0]}") from None
 
 
 def from_diffusers(source) -> DiT:
@@ -117,7 +132,7 @@ def from_diffusers(source) -> DiT:
     return model
 
 
-def to_diffusers(model: nn.Module, out_dir: str | os.PathLike | None = None) -> nn.Module:
+def to_diffusers(model: nn.Module, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> nn.Module:
     """A diffusers DiTTransformer2DModel with the weights of an lgframe DiT (any size;
     a constrained model is materialized on a copy first). Saved to `out_dir` if given."""
     from diffusers import DiTTransformer2DModel
@@ -152,7 +167,7 @@ def to_diffusers(model: nn.Module, out_dir: str | os.PathLike | None = None) -> 
     if out_dir is not None:
         from lgframe.io import atomic_dir
 
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, replace=overwrite) as tmp:
             dst.save_pretrained(str(tmp), safe_serialization=True)
     return dst
 
@@ -186,7 +201,9 @@ def _load_timm(source) -> nn.Module:
 
         state = load_file(str(path / "model.safetensors"))
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        from lgframe.io import load_checkpoint
+
+        state = load_checkpoint(path / "pytorch_model.bin", "timm weights file")
     else:
         raise LgframeError(f"{path} has no model.safetensors or pytorch_model.bin")
     try:
@@ -287,7 +304,7 @@ def from_timm(source) -> nn.Module:
     return model.eval()
 
 
-def to_timm(model: nn.Module, out_dir: str | os.PathLike | None = None) -> nn.Module:
+def to_timm(model: nn.Module, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> nn.Module:
     """A timm VisionTransformer with the weights of an lgframe ViT (any size; a
     constrained model is materialized on a copy first). Saved to `out_dir` if
     given, in the folder layout `timm.create_model("local-dir:PATH", pretrained=True)` reads."""
@@ -310,6 +327,6 @@ def to_timm(model: nn.Module, out_dir: str | os.PathLike | None = None) -> nn.Mo
 
         from lgframe.io import atomic_dir
 
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, replace=overwrite) as tmp:
             save_for_hf(dst, str(tmp), model_args=args, safe_serialization=True)
     return dst

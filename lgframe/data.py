@@ -25,7 +25,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Sampler, DataLoader, TensorDataset, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lgframe.errors import LgframeError
 
@@ -207,22 +208,66 @@ class ShiftCollate:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffle whose permutation is a function of (seed, epoch): a run resumed
-    from a checkpoint sees the same order as one that never stopped (Lightning
-    calls `set_epoch`; a DataLoader generator would restart from epoch 0)."""
+    """A shuffle whose permutation is a function of (seed, epoch), and that can stop
+    and resume inside an epoch.
+
+    Lightning calls `set_epoch`, so a run resumed from a checkpoint sees the same
+    order as one that never stopped (a DataLoader generator would restart from
+    epoch 0). Its state (`state_dict`: the epoch and the items handed out in it)
+    travels in the checkpoint through torchdata's StatefulDataLoader, so a run
+    killed in the middle of an epoch resumes with the next unseen batch. The
+    permutation is drawn when the first item is asked for, after `set_epoch`."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
+        self._yielded = 0  # items handed out in the current epoch
+        self._resume: tuple[int, int] | None = None  # (epoch, items) to skip, from load_state_dict
 
     def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None  # the loaded state was the end of an earlier epoch: start afresh
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        self._resume = None
+        self._yielded = start
+        for i in torch.randperm(self.n, generator=g)[start:].tolist():
+            self._yielded += 1
+            yield i
 
     def __len__(self) -> int:
         return self.n
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["yielded"]))
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, whose state Lightning keeps in checkpoints: a run
+    resumed from a checkpoint taken inside an epoch continues with the next unseen
+    batch. A state saved at the end of an epoch, or at another world size (where the
+    per-rank order differs), is not restored: that epoch's remainder starts afresh,
+    as Lightning does without a stateful loader."""
+
+    def state_dict(self) -> dict:
+        return {"world_size": _world_size(), "loader": super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        inner = state.get("loader", state)
+        done = inner.get("_num_yielded", 0)
+        if state.get("world_size", 1) != _world_size() or done >= len(self):
+            return
+        super().load_state_dict(inner)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -374,7 +419,7 @@ class ImageDataModule(pl.LightningDataModule):
             sampler = DistributedSampler(self.train_set, shuffle=False)
         else:
             sampler = None
-        return DataLoader(
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,

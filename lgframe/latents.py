@@ -52,7 +52,7 @@ def scaling_factor(vae) -> float:
 @torch.no_grad()
 def encode_folder(vae_dir: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike,
                   image_size: int = 256, channels: int = 3, crop: str = "center", batch_size: int = 16,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, overwrite: bool = False) -> dict:
     """Encodes an ImageFolder-style directory into a latents folder at `out`; returns its info."""
     from rich.progress import Progress
 
@@ -78,7 +78,7 @@ def encode_folder(vae_dir: str | os.PathLike, images: str | os.PathLike, out: st
             "latent_size": z.shape[2], "scaling_factor": sf, "class_names": classes, "image_size": image_size,
             "channels": channels, "vae": str(Path(vae_dir).expanduser().resolve()), "images": str(Path(images).resolve()),
             "shards": []}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=overwrite) as tmp:
         for k, i in enumerate(range(0, len(z), SHARD)):
             name = f"latents-{k:05d}.safetensors"
             save_tensors(tmp / name, {"latents": z[i:i + SHARD], "labels": y[i:i + SHARD].contiguous()},
@@ -98,8 +98,26 @@ def read_latents_info(path: str | os.PathLike) -> dict:
         info = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise LgframeError(f"{f} is not valid JSON: {e}") from None
-    if info.get("format") != FORMAT:
-        raise LgframeError(f"{f}: format {info.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise LgframeError(f"{f}: format {info.get('format') if isinstance(info, dict) else None!r}, expected {FORMAT!r}")
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    checks = {
+        "count": (positive, "an integer >= 1"),
+        "latent_channels": (positive, "an integer >= 1"),
+        "latent_size": (positive, "an integer >= 1"),
+        "scaling_factor": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+        "class_names": (lambda v: isinstance(v, list) and len(v) >= 1 and all(isinstance(c, str) for c in v),
+                        "a non-empty list of class names"),
+        "shards": (lambda v: isinstance(v, list) and len(v) >= 1 and all(
+            isinstance(n, str) and Path(n).name == n and n.endswith(".safetensors") for n in v),
+            "a non-empty list of .safetensors file names inside the folder"),
+    }
+    for key, (ok, valid) in checks.items():
+        if key not in info:
+            raise LgframeError(f"{f}: key '{key}' is missing (latents format version {info.get('version')!r}); "
+                               "re-encode the images with `lgframe encode`")
+        if not ok(info[key]):
+            raise LgframeError(f"{f}: '{key}' is {info[key]!r}; it must be {valid}")
     return info
 
 
@@ -109,10 +127,23 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, d
 
     info = read_latents_info(path)
     zs, ys = [], []
+    want = (info["latent_channels"], info["latent_size"], info["latent_size"])
     for name in info["shards"]:
-        t, _ = read_safetensors(Path(path).expanduser() / name, "latents shard")
-        zs.append(t["latents"])
-        ys.append(t["labels"])
+        shard = Path(path).expanduser() / name
+        t, _ = read_safetensors(shard, "latents shard")
+        if "latents" not in t or "labels" not in t:
+            raise LgframeError(f"latents shard '{shard}' must hold tensors 'latents' and 'labels'; it holds {sorted(t)}")
+        z, y = t["latents"], t["labels"]
+        if z.dim() != 4 or tuple(z.shape[1:]) != want or y.shape != (len(z),):
+            raise LgframeError(
+                f"latents shard '{shard}' holds latents {tuple(z.shape)} and labels {tuple(y.shape)}; latents.json "
+                f"describes (N, {want[0]}, {want[1]}, {want[2]}) latents with N labels"
+            )
+        if not z.is_floating_point() or y.dtype != torch.int64 or (len(y) and (y.min() < 0 or y.max() >= len(info["class_names"]))):
+            raise LgframeError(f"latents shard '{shard}': latents must be floating point and labels int64 in "
+                               f"0..{len(info['class_names']) - 1}")
+        zs.append(z)
+        ys.append(y)
     z, y = torch.cat(zs), torch.cat(ys)
     if len(z) != info["count"]:
         raise LgframeError(f"{path}: the shards hold {len(z)} latents, latents.json says {info['count']}")

@@ -48,6 +48,51 @@ def paths_for(path: str | os.PathLike) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
+def check_manifest(m: dict, where) -> None:
+    """Every field of a learngene manifest, with its type; a missing or malformed one
+    names the key and the manifest version."""
+    version = m.get("format_version")
+
+    def bad(key: str, valid: str):
+        raise LgframeError(f"learngene manifest '{where}' (format version {version!r}): key '{key}' {valid}; the "
+                           "manifest was edited or is damaged. Re-extract the learngene.")
+
+    spec = {
+        "constraint": dict, "constraint.name": str, "constraint.options": dict, "model": dict, "model.family": str,
+        "model.ancestor_config": dict, "roles": dict, "bytes": dict, "tensors": dict,
+    }
+    for key, typ in spec.items():
+        node: object = m
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                bad(key, "is missing")
+            node = node[part]
+        if not isinstance(node, typ):
+            bad(key, f"must be a {typ.__name__}, not {type(node).__name__}")
+    for role, shape in m["roles"].items():
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d >= 1 for d in shape)):
+            bad(f"roles.{role}", f"is {shape!r}; it must be [L, m, n], three positive integers")
+    depth = m["model"]["ancestor_config"].get("depth")
+    if isinstance(depth, int):
+        for role, shape in m["roles"].items():
+            if shape[0] != depth:
+                bad(f"roles.{role}", f"has {shape[0]} layers, but the ancestor config has depth {depth}")
+    for g in m["bytes"]:
+        if g not in GROUPS or not isinstance(m["bytes"][g], int):
+            bad(f"bytes.{g}", f"is not a byte count of one of the groups {', '.join(GROUPS)}")
+    for k, entry in m["tensors"].items():
+        group, _, rest = k.partition("/")
+        if group not in GROUPS:
+            bad(f"tensors.{k}", f"does not start with one of the groups {', '.join(GROUPS)}")
+        if group in ("learngene", "scalers"):
+            role = rest.rpartition("/")[0]
+            if role not in m["roles"]:
+                bad(f"tensors.{k}", f"belongs to role '{role}', which is not in roles ({', '.join(m['roles'])})")
+        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("sha256"), str)):
+            bad(f"tensors.{k}", "must hold shape (a list), dtype and sha256 (strings)")
+
+
 @dataclass
 class Learngene:
     constraint: str
@@ -155,13 +200,15 @@ class Learngene:
             manifest = json.loads(meta["lgframe_learngene"])
         else:
             raise LgframeError(f"learngene '{st}' has no manifest: expected '{js}' beside it.")
-        if manifest.get("format") != FORMAT:
-            raise LgframeError(f"'{js}' is not an lgframe learngene manifest (format {manifest.get('format')!r}).")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else None
+            raise LgframeError(f"'{js}' is not an lgframe learngene manifest (format {got!r}).")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise LgframeError(
                 f"learngene '{st}' has format version {manifest.get('format_version')!r}; "
                 f"this lgframe reads version {FORMAT_VERSION}."
             )
+        check_manifest(manifest, st if not js.is_file() else js)
         name = manifest["constraint"]["name"]
         if constraint is not None and name != constraint:
             raise LgframeError(
@@ -180,10 +227,25 @@ class Learngene:
                 f"{sorted(set(listed) - set(tensors))[:5]}, not in the manifest {sorted(set(tensors) - set(listed))[:5]}."
             )
         for k, t in tensors.items():
-            if tensor_sha256(t) != listed[k]["sha256"]:
+            entry = listed[k]
+            dtype = str(t.dtype).replace("torch.", "")
+            if list(t.shape) != entry["shape"] or dtype != entry["dtype"]:
+                raise LgframeError(
+                    f"learngene '{st}': tensor '{k}' is {dtype} {list(t.shape)} in the file, but the manifest says "
+                    f"{entry['dtype']} {entry['shape']}; the file or the manifest was changed. Re-extract it."
+                )
+            if tensor_sha256(t) != entry["sha256"]:
                 raise LgframeError(
                     f"learngene '{st}': tensor '{k}' has SHA-256 {tensor_sha256(t)[:12]}..., the manifest expects "
                     f"{listed[k]['sha256'][:12]}...; the file is corrupt or was changed. Re-extract it."
+                )
+        lg = cls(name, manifest["constraint"]["options"], fam, manifest["model"]["ancestor_config"], manifest["roles"],
+                 tensors)
+        for g in GROUPS:
+            if lg.bytes(g) != manifest["bytes"].get(g, 0):
+                raise LgframeError(
+                    f"learngene '{st}': the manifest says the {g} group holds {manifest['bytes'].get(g, 0):,} bytes, "
+                    f"the tensors hold {lg.bytes(g):,}; the manifest was changed. Re-extract it."
                 )
         return cls(
             constraint=name,

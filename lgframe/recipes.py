@@ -9,11 +9,12 @@ or `constraint: {name: svd, rank: 16}`.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lgframe.errors import LgframeError
@@ -320,6 +321,74 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"diffusion.clip_range={cfg.diffusion.clip_range}; valid: a number > 0 (1 for images in [-1, 1])")
     if not 0 < cfg.mim.mask_ratio < 1:
         raise LgframeError(f"mim.mask_ratio={cfg.mim.mask_ratio}; valid: a fraction strictly between 0 and 1")
+    check_ranges(cfg)
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what diffusers' DDPM, DDIM and DPM all take
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# key -> (test, what is valid). Checked on every recipe before anything is written.
+RANGES: dict[str, tuple[Any, str]] = {
+    "trainer.max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.val_every": (lambda v: v >= 1, "an integer >= 1 (steps between validations)"),
+    "trainer.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.checkpoint_every": (lambda v: v >= 0, "0 (only at the end) or an integer >= 1"),
+    "trainer.nan_skip": (lambda v: v >= 0, "0 (stop at the first non-finite step) or more"),
+    "trainer.num_nodes": (lambda v: v >= 1, "an integer >= 1"),
+    "optim.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0 (freeze a group with optim.learngene_lr=0 "
+                                                 "or optim.scaler_lr=0 instead)"),
+    "optim.learngene_lr": (lambda v: v is None or (_finite(v) and v >= 0), "null (derive from optim.lr) or a number >= 0"),
+    "optim.scaler_lr": (lambda v: v is None or (_finite(v) and v >= 0), "null (derive from optim.lr) or a number >= 0"),
+    "optim.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, "0 (no warmup) or an integer >= 1"),
+    "optim.grad_clip": (lambda v: _finite(v) and v >= 0, "0 (no clipping) or a finite number > 0"),
+    "diffusion.num_train_timesteps": (lambda v: v >= 2, "an integer >= 2 (1000 is DiT's)"),
+    "diffusion.beta_schedule": (lambda v: v in BETA_SCHEDULES, ", ".join(BETA_SCHEDULES)),
+    "diffusion.label_dropout": (lambda v: _finite(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    "sample.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "sample.guidance": (lambda v: _finite(v), "a finite number (1 = no guidance)"),
+    "ema.decay": (lambda v: _finite(v) and 0 < v < 1, "a number strictly between 0 and 1 (e.g. 0.999)"),
+    "ema.start_step": (lambda v: v >= 0, "an integer >= 0"),
+    "init.unfreeze_at": (lambda v: v >= -1, "-1 (never) or a step >= 0"),
+    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "data.image_size": (lambda v: v >= 1, "an integer >= 1"),
+    "compare.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "compare.ancestor_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "compare.seeds": (lambda v: len(v) >= 1, "a non-empty list of seeds"),
+    "compare.train_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    "personalize.n_images": (lambda v: v >= 1, "an integer >= 1"),
+    "personalize.val_images": (lambda v: v >= 1, "an integer >= 1"),
+    "personalize.image_size": (lambda v: v >= 1, "an integer >= 1"),
+    "personalize.lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "personalize.lora_alpha": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "personalize.samples": (lambda v: v >= 0, "an integer >= 0"),
+    "personalize.skip_front": (lambda v: v >= 0, "an integer >= 0"),
+    "personalize.skip_back": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every numeric key against its valid range: a violation names the key, the value and what is valid."""
+    for key, (ok, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise LgframeError(f"recipe key '{key}' is {value!r}; valid: {valid}.")
+    d = cfg.trainer.devices
+    if not (d == "auto" or (isinstance(d, int) and not isinstance(d, bool) and d >= 1) or
+            (isinstance(d, str) and d.isdigit() and int(d) >= 1) or (isinstance(d, (list, ListConfig)) and len(d) >= 1)):
+        raise LgframeError(f"recipe key 'trainer.devices' is {d!r}; valid: auto, a count >= 1, or a list of device ids.")
+    if cfg.sample.steps > cfg.diffusion.num_train_timesteps:
+        raise LgframeError(f"recipe key 'sample.steps' is {cfg.sample.steps}; valid: at most diffusion.num_train_timesteps "
+                           f"({cfg.diffusion.num_train_timesteps}).")
 
 
 def constraint_spec(cfg: DictConfig) -> Any:

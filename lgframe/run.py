@@ -24,32 +24,46 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lgframe.constraint import attached_constraint, constraint_class, constraint_names, get_constraint
-from lgframe.data import build_datamodule
+from lgframe.data import build_datamodule, image_folder_classes
 from lgframe.errors import LgframeError
-from lgframe.io import atomic_checkpoint_io, atomic_path, load_model, read_safetensors, save_model, write_text
+from lgframe.distributed import recover_checkpoints
+from lgframe.io import (
+    CONSOLIDATED,
+    atomic_checkpoint_io,
+    atomic_path,
+    load_checkpoint,
+    load_model,
+    read_safetensors,
+    save_model,
+    write_text,
+)
 from lgframe.learngene import Learngene, paths_for
 from lgframe.models import model_from_config, parse_size, resolve_config
 from lgframe.recipes import constraint_spec, to_plain
+from lgframe.rundir import RunLock, remove_partial_files, resolve_run_dir, unique_dir  # noqa: F401 (unique_dir: API)
 from lgframe.tasks import DiffusionTask, LgTask, make_task
 
 log = logging.getLogger("lgframe")
 
-# Known, harmless warnings of the libraries, silenced so real ones stand out.
-for _pattern in (
+# Known, harmless warnings of the libraries, silenced inside fit only (never at import).
+QUIET = (
     r".*WeightAveraging callback with a model that overrides the configure_model.*",  # attach is not sharding
     r".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written there first
     r".*does not have many workers.*",  # in-memory tensors: workers would only add start-up time
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*litlogger.*",
-):
-    warnings.filterwarnings("ignore", message=_pattern)
+    r".*'set_vital' is deprecated.*",  # torchdata's StatefulDataLoader calls a deprecated torch hook
+)
 
 
 # ------------------------------------------------------------------ init sources
 def source_kind(path: str | os.PathLike) -> str:
     """'checkpoint' (.ckpt), 'model' (model .safetensors) or 'learngene'."""
     p = Path(path)
-    if p.suffix == ".ckpt":
+    if not p.exists() and not paths_for(p)[0].exists():
+        raise LgframeError(f"init source '{p}' does not exist; give a checkpoint (.ckpt or an fsdp checkpoint folder), a "
+                           "model .safetensors, or a learngene .safetensors with its .json manifest.")
+    if p.suffix in (".ckpt", ".pt", ".pth") or p.is_dir():
         return "checkpoint"
     st, js = paths_for(p)
     if js.is_file():
@@ -65,8 +79,17 @@ def source_kind(path: str | os.PathLike) -> str:
 def descend_model(learngene: Learngene, model: nn.Module, options: dict | None = None) -> nn.Module:
     """`model` (dense, target size) initialized from `learngene`; the learngene's
     constraint options are kept unless `options` overrides them."""
-    opts = dict(learngene.options) | dict(options or {})
-    opts.pop("rank", None)  # ranks are re-derived for the target size
+    own = {k: v for k, v in learngene.options.items() if k != "rank"}  # ranks are re-derived for the target size
+    opts = own | dict(options or {})
+    opts.pop("rank", None)
+    try:
+        constraint_class(learngene.constraint)(**own)
+    except LgframeError as e:
+        raise LgframeError(
+            f"the learngene's manifest names constraint '{learngene.constraint}' with options "
+            f"{sorted(learngene.options)}, which do not fit it ({e}); the manifest was edited or comes from another "
+            "lgframe version. Re-extract the learngene."
+        ) from None
     return constraint_class(learngene.constraint)(**opts).descend(learngene, model)
 
 
@@ -107,7 +130,16 @@ def build_model(cfg: DictConfig) -> tuple[nn.Module, str]:
             )
         model = descend_model(lg, model_from_config(recipe_model_config(cfg)), opts.get("options", opts))
         return model, "random"
-    model, _ = load_model(src)
+    model, meta = load_model(src)
+    carried = (meta.get("constraint") or {}).get("name")
+    spec = constraint_spec(cfg)
+    name = spec if isinstance(spec, str) else spec.get("name")
+    if carried is not None and carried != name:
+        raise LgframeError(
+            f"init.source '{src}' carries constraint '{carried}', but the recipe's constraint is '{name}'; set "
+            f"constraint={carried} to continue it, or convert it explicitly first (e.g. `lgframe learngene {src} "
+            f"--constraint {name} --out NEW` and init.source=NEW)."
+        )
     # A dense checkpoint under a recipe constraint is decomposed, not re-initialized.
     return model, "dense"
 
@@ -122,6 +154,8 @@ class RunResult:
     learngene: Path | None = None
     samples: Path | None = None
     task: LgTask | None = None
+    model_file: Path | None = None  # sharded runs: the consolidated model.safetensors
+    finished: bool = False  # resume=auto found the run already finished: nothing was trained or written
 
     @property
     def initial_loss(self) -> float:
@@ -130,15 +164,6 @@ class RunResult:
     @property
     def final_loss(self) -> float:
         return self.curve[-1][1]
-
-
-def unique_dir(base: Path) -> Path:
-    if not base.exists():
-        return base
-    i = 1
-    while (base.parent / f"{base.name}-{i}").exists():
-        i += 1
-    return base.parent / f"{base.name}-{i}"
 
 
 def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -157,47 +182,80 @@ def read_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return sorted(out.items())
 
 
-def resolve_run_dir(base: Path, multi_process: bool) -> Path:
-    """The run directory: `base`, or `base-N` if it exists. Every process of a
-    multi-process run must agree: Lightning's DDP launcher re-runs the command
-    in child processes, which inherit LGFRAME_RUN_DIR from the launching one;
-    under torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS) all use `base` as is."""
-    if not multi_process:
-        return unique_dir(base)
-    if "LGFRAME_RUN_DIR" in os.environ:
-        return Path(os.environ["LGFRAME_RUN_DIR"])
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return base  # torchrun / SLURM started every rank: no launcher to agree with
-    run_dir = unique_dir(base)
-    os.environ["LGFRAME_RUN_DIR"] = str(run_dir)
-    return run_dir
-
-
-def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+def resume_checkpoint(resume: str | None, run_dir: Path, strategy: str = "auto") -> Path | None:
     """The checkpoint `resume=` names: 'auto' is the run directory's last.ckpt."""
     if not resume:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(resume)
+    if resume == "auto":
+        recover_checkpoints(path.parent)  # a kill between the two renames of a sharded save
     if not path.exists():
         raise LgframeError(
             f"resume={resume}: no checkpoint at '{path}'. Give resume=PATH to a .ckpt (or an fsdp checkpoint "
             "folder), or leave resume unset to start a new run."
         )
+    if path.is_dir() and strategy != "fsdp":
+        raise LgframeError(
+            f"resume={resume}: '{path}' is a distributed (fsdp) checkpoint folder; resume it with "
+            "trainer.strategy=fsdp (any number of devices, 1 included)."
+        )
     return path
+
+
+def checkpoint_info(path: Path) -> dict:
+    """What a checkpoint says about itself (global_step, lgframe's model record), read
+    safely: a .ckpt with weights_only=True, an fsdp folder's meta.pt likewise after
+    its .metadata passed the allow-list."""
+    if path.is_dir():
+        from lgframe.io import read_dcp_metadata
+
+        read_dcp_metadata(path)
+        return load_checkpoint(path / "meta.pt")
+    return load_checkpoint(path)
+
+
+def check_resume_fits(path: Path, info: dict, model: nn.Module, cfg: DictConfig) -> None:
+    """A resume whose model or constraint differs from the checkpoint's fails in one sentence."""
+    saved = info.get("lgframe")
+    if not saved:
+        raise LgframeError(f"resume: '{path}' was not written by lgframe (no 'lgframe' entry); it cannot be resumed.")
+    have = saved.get("model", {})
+    want = model.config.to_dict()
+    diff = [f"{k} {have.get(k)} -> {want.get(k)}" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    spec = constraint_spec(cfg)
+    name = spec if isinstance(spec, str) else spec.get("name")
+    carried = attached_constraint(model)
+    name = carried.name if carried is not None else name
+    saved_name = (saved.get("constraint") or {}).get("name", "scratch")
+    if diff or saved_name != name:
+        what = "; ".join(diff + ([f"constraint {saved_name} -> {name}"] if saved_name != name else []))
+        raise LgframeError(
+            f"resume: the checkpoint '{path}' holds another model than the recipe describes ({what}); resume with "
+            "the recipe it was trained with (config.yaml in its run folder) or start a new run without resume."
+        )
+
+
+def finished_result(run_dir: Path, checkpoint: Path, step: int) -> RunResult:
+    log.warning("run %s is finished at step %d (trainer.max_steps); nothing was changed. Raise trainer.max_steps to "
+                "train it further.", run_dir, step)
+    res = RunResult(run_dir, checkpoint, finished=True)
+    res.curve = read_curve(run_dir, "val/loss")
+    res.acc_curve = read_curve(run_dir, "val/acc")
+    st = run_dir / "learngene.safetensors"
+    res.learngene = st if st.is_file() else None
+    res.samples = run_dir / "samples.png" if (run_dir / "samples.png").is_file() else None
+    return res
 
 
 def make_strategy(t) -> object:
     """`trainer.strategy`: auto | ddp | fsdp (FSDP2 through ModelParallelStrategy,
-    which also runs on CPU with gloo) | any other Lightning strategy name."""
+    which also runs on CPU with gloo; see lgframe/distributed.py) | any other
+    Lightning strategy name."""
     if t.strategy != "fsdp":
         return t.strategy
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lgframe.distributed import make_sharded_strategy
 
-    gpu = torch.cuda.is_available() and t.accelerator in ("auto", "gpu", "cuda")
-    devices = int(t.devices) if str(t.devices).isdigit() else (torch.cuda.device_count() if gpu else 1)
-    # Pure data parallelism: every process holds a shard (tensor parallel size 1).
-    return ModelParallelStrategy(data_parallel_size=devices * t.num_nodes, tensor_parallel_size=1,
-                                 process_group_backend="nccl" if gpu else "gloo")
+    return make_sharded_strategy(t.accelerator, t.devices, t.num_nodes)
 
 
 def full_model(task: LgTask, sharded: bool) -> nn.Module:
@@ -214,66 +272,119 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     return rebuild(model_meta(task.model), state)
 
 
+class FiniteCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that refuses to save non-finite weights or a run
+    whose last validation loss is not finite: the previous checkpoint stays."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        val = trainer.callback_metrics.get("val/loss")
+        bad = val is not None and not torch.isfinite(torch.as_tensor(val)).all()
+        if not bad:
+            bad = any(not torch.isfinite(p.detach()).all() for p in trainer.lightning_module.parameters())
+        if bad:
+            log.warning("step %d: checkpoint not saved (non-finite %s); %s", trainer.global_step,
+                        "validation loss" if val is not None and not torch.isfinite(torch.as_tensor(val)).all()
+                        else "weights", f"the previous one is kept: {filepath}" if Path(filepath).exists()
+                        else "there is no earlier checkpoint")
+            return
+        super()._save_checkpoint(trainer, filepath)
+
+
 def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None) -> RunResult:
-    """Train the recipe's model; writes a run directory and returns its curves."""
+    """Train the recipe's model; writes a run directory and returns its curves.
+
+    Everything that can be checked is checked before the run folder is created or
+    changed: the recipe (every key and range), the init source, the teacher, the
+    swapped prior, the data, and for a resume the checkpoint (read safely) and
+    whether it holds the recipe's model. `resume=auto` on a finished run changes
+    nothing and returns its results."""
+    from lgframe.recipes import validate
+
+    validate(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     t = cfg.trainer
     multi = t.strategy in ("ddp", "fsdp") or t.devices not in (1, "1") or t.num_nodes > 1
     base = Path(run_dir or Path(cfg.out_dir) / cfg.name)
-    resume = resume_checkpoint(cfg.resume, base)
+    resume = resume_checkpoint(cfg.resume, base, t.strategy)
+    info = checkpoint_info(resume) if resume is not None else None
     if resume is not None:
         run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resolve_run_dir(base, multi)
     else:
         run_dir = resolve_run_dir(base, multi)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = to_plain(cfg)
+    model, mode = build_model(cfg)
+    if info is not None:
+        check_resume_fits(resume, info, model, cfg)
+        if int(info.get("global_step", 0)) >= t.max_steps and (run_dir / "checkpoints" / "last.ckpt") == resume:
+            return finished_result(run_dir, resume, int(info["global_step"]))
+    dm = build_datamodule(cfg.data)
+    dm.setup()  # reads the data now: an unreadable folder fails before anything is written
+    if cfg.task == "classification" and dm.num_classes < 2:
+        names = image_folder_classes(dm.path)[1] if dm.name == "imagefolder" else list(range(dm.num_classes))
+        raise LgframeError(f"classification needs at least 2 classes; data '{cfg.data.name}' has {dm.num_classes} "
+                           f"({', '.join(repr(n) for n in names)}). Add a subfolder per class.")
+    task = make_task(recipe, model, mode)
+    uncond = sampling_kwargs(uncond_from=cfg.sample.uncond_from) if isinstance(task, DiffusionTask) else {}
+    with RunLock(run_dir):
+        return _fit_in(cfg, task, dm, run_dir, resume, extract_learngene, recipe, uncond)
+
+
+def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recipe: dict, uncond: dict) -> RunResult:
+    t = cfg.trainer
+    sharded = t.strategy == "fsdp"
+    if rank_zero_only.rank == 0:
+        for what in recover_checkpoints(run_dir / "checkpoints") + remove_partial_files(run_dir):
+            log.warning("run folder %s: %s (left by an interrupted run)", run_dir, what)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     metrics = run_dir / "metrics.csv"
     if resume is not None and metrics.is_file() and rank_zero_only.rank == 0:
         # Lightning's CSV logger would start the file afresh: keep the history.
         os.replace(metrics, run_dir / f"metrics.before-resume-{len(list(run_dir.glob('metrics.before-resume-*')))}.csv")
-    recipe = to_plain(cfg)
-    model, mode = build_model(cfg)
-    task = make_task(recipe, model, mode)
-    dm = build_datamodule(cfg.data)
-    ckpt_cb = ModelCheckpoint(
+    ckpt_cb = FiniteCheckpoint(
         dirpath=run_dir / "checkpoints",
         save_last=True,
         save_top_k=0,
         every_n_train_steps=t.checkpoint_every or None,
     )
     callbacks: list = [ckpt_cb]
-    sharded = t.strategy == "fsdp"
     if cfg.ema.enabled and sharded:
         warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models")
     elif cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
-    trainer = pl.Trainer(
-        max_steps=t.max_steps,
-        val_check_interval=t.val_every,
-        check_val_every_n_epoch=None,
-        log_every_n_steps=t.log_every,
-        accelerator=t.accelerator,
-        strategy=make_strategy(t),
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=callbacks,
-        plugins=None if sharded else [atomic_checkpoint_io()],
-        enable_progress_bar=t.progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=run_dir,
-    )
-    if resume is None:
-        trainer.validate(task, datamodule=dm, verbose=False)  # the step-0 loss
-    trainer.fit(task, datamodule=dm, ckpt_path=resume)
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer = pl.Trainer(
+            max_steps=t.max_steps,
+            val_check_interval=t.val_every,
+            check_val_every_n_epoch=None,
+            log_every_n_steps=t.log_every,
+            accelerator=t.accelerator,
+            strategy=make_strategy(t),
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            gradient_clip_val=cfg.optim.grad_clip or None,
+            logger=CSVLogger(run_dir, name="", version=""),
+            callbacks=callbacks,
+            plugins=None if sharded else [atomic_checkpoint_io()],
+            enable_progress_bar=t.progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=run_dir,
+        )
+        task.checkpoint_dir = run_dir / "checkpoints"  # the NaN guard says what it kept
+        if resume is None:
+            trainer.validate(task, datamodule=dm, verbose=False)  # the step-0 loss
+        trainer.fit(task, datamodule=dm, ckpt_path=resume, weights_only=True)
     result = RunResult(run_dir, Path(ckpt_cb.last_model_path), task=task)
     result.curve = read_curve(run_dir, "val/loss")
     result.acc_curve = read_curve(run_dir, "val/acc")
     model = full_model(task, sharded)  # every rank takes part in the gather
     if trainer.is_global_zero:
+        if sharded:  # one plain file beside the shards: what sample / evaluate / export read
+            save_model(model, run_dir / CONSOLIDATED, {"global_step": trainer.global_step, "recipe": recipe})
+            result.model_file = run_dir / CONSOLIDATED
         plot_curves({cfg.name: result.curve}, run_dir / "loss.png", "validation loss")
         spec = attached_constraint(model)
         if extract_learngene and spec is not None:
@@ -282,7 +393,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         if isinstance(task, DiffusionTask) and cfg.sample.n > 0:  # sample.n=0: no sample grid
             result.samples = run_dir / "samples.png"
             sampler = task if not sharded else make_task(recipe, model)
-            save_sample_grid(sampler, result.samples, n=cfg.sample.n, **sampling_kwargs(uncond_from=cfg.sample.uncond_from))
+            save_sample_grid(sampler, result.samples, n=cfg.sample.n, **uncond)
     return result
 
 

@@ -99,7 +99,8 @@ class LgTask(pl.LightningModule):
         names = [name for name, ps in groups.items() if any(p.requires_grad for p in ps)]
         scales = self.constraint.lr_scales()
         param_groups = [
-            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] or o["lr"] * scales.get(n, 1.0), "name": n}
+            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] if lrs[n] is not None else o["lr"] * scales.get(n, 1.0),
+             "name": n}
             for n in names
         ]
         if o["name"] == "sgd":
@@ -139,10 +140,26 @@ class LgTask(pl.LightningModule):
         rank = f", constraint options {spec.options.get('rank')}" if spec and "rank" in spec.options else ""
         raise LgframeError(
             f"non-finite loss or gradient at step {self.global_step}: the run stopped and saved nothing from this "
-            f"step; the last good checkpoint is kept. Likely causes: a learning rate too high (optim.lr={o['lr']}, "
+            f"step; {self._kept()}. Likely causes: a learning rate too high (optim.lr={o['lr']}, "
             f"scaler_lr={o['scaler_lr']}) or a constraint rank too small for this model{rank}. Lower the rate, "
             f"add optim.warmup_steps, or set trainer.nan_skip=N to skip up to N bad steps."
         )
+
+    def _kept(self) -> str:
+        """What a stopped run leaves behind, truthfully."""
+        folder = getattr(self, "checkpoint_dir", None)
+        last = folder / "last.ckpt" if folder is not None else None
+        if last is not None and last.exists():
+            from lgframe.io import load_checkpoint
+
+            try:
+                step = load_checkpoint(last / "meta.pt" if last.is_dir() else last).get("global_step", "?")
+            except LgframeError:
+                step = "?"
+            return f"the last checkpoint, from step {step}, is kept ({last}; resume=auto continues from it)"
+        every = self.recipe["trainer"]["checkpoint_every"]
+        why = "trainer.checkpoint_every=0 saves only at the end" if not every else f"none was due yet (every {every} steps)"
+        return f"no checkpoint was saved before it ({why}), so nothing was kept"
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -100,6 +100,15 @@ def test_fsdp_two_processes_train_save_and_extract(reference):
     # ... and matches the unsharded run's learngene
     ref_lg = Learngene.load(ref["svd"].learngene)
     assert rel_diff(a.group("learngene"), ref_lg.group("learngene")) < 1e-5
+    # the allow-list reader opens the real sharded checkpoint, and it holds what the consolidated file holds
+    from safetensors.torch import load_file
+
+    from lgframe.io import load_distributed_checkpoint
+
+    shards = load_distributed_checkpoint(ckpt)["state_dict"]
+    consolidated = load_file(run / "model.safetensors")
+    assert {k[len("model."):] for k in shards if k.startswith("model.")} == set(consolidated)
+    assert all(torch.equal(shards["model." + k], v) for k, v in consolidated.items())
 
 
 def test_resume_across_world_sizes(reference):
@@ -162,3 +171,63 @@ def test_ddp_runs_a_class_gated_dit(tmp_path):
     assert lg.options["classes"] == list(range(10))
     assert all(torch.isfinite(v).all() for v in lg.tensors.values())
     assert lg.tensors["learngene/mlp.fc1.weight/UT"].shape[1] == 20
+
+
+DIE_ON_SECOND_SAVE = """
+import os, signal, sys
+import torch.distributed.checkpoint.filesystem as fs
+from lgframe.cli import main
+
+real, calls = fs.FileSystemWriter.finish, []
+
+
+def finish(self, *args, **kwargs):  # the shards are on disk, the metadata is not: die here on the 2nd save
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+
+
+fs.FileSystemWriter.finish = finish
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sharded_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
+    """fsdp checkpoints are written beside the target and renamed in: a kill while the
+    shards of the second checkpoint are written leaves the first one whole, and
+    resume=auto cleans up and continues."""
+    launcher = tmp_path / "die.py"
+    launcher.write_text(DIE_ON_SECOND_SAVE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("LGFRAME_RUN_DIR", None)
+    common = ["pretrain", "vit_digits_pretrain", f"out_dir={tmp_path}", "name=k", "constraint=svd", "trainer.strategy=fsdp",
+              "trainer.accelerator=cpu", "trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.progress=false",
+              "ema.enabled=false", "model.name=ViT-Pico/2", "data.train_fraction=0.178", "data.batch_size=64"]
+    r = subprocess.run([sys.executable, str(launcher), *common, "trainer.max_steps=8"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    ckpt = tmp_path / "k/checkpoints/last.ckpt"
+    assert (tmp_path / "k/checkpoints/.last.ckpt.partial").is_dir()  # the unfinished second checkpoint
+    assert torch.load(ckpt / "meta.pt", weights_only=True)["global_step"] == 2
+    st, _ = extract_learngene(ckpt, tmp_path / "lg.safetensors")  # the first checkpoint loads whole
+    assert Learngene.load(st).constraint == "svd"
+    cli(*common, "trainer.max_steps=6", "resume=auto", cwd=tmp_path)
+    assert not (tmp_path / "k/checkpoints/.last.ckpt.partial").exists()
+    assert torch.load(ckpt / "meta.pt", weights_only=True)["global_step"] == 6
+    assert [s for s, _ in read_curve(tmp_path / "k", "val/loss")] == [0, 2, 4, 6]
+
+
+def test_recover_checkpoints_finishes_or_discards_what_a_kill_left(tmp_path):
+    from lgframe.distributed import COMPLETE, recover_checkpoints
+
+    d = tmp_path / "checkpoints"
+    (d / ".last.ckpt.partial").mkdir(parents=True)  # killed between the two renames: complete, target gone
+    (d / ".last.ckpt.partial" / COMPLETE).write_text("")
+    (d / ".last.ckpt.old").mkdir()
+    (d / ".other.ckpt.partial").mkdir()  # killed while writing shards: incomplete
+    (d / "other.ckpt").mkdir()
+    (d / ".x.ckpt.abc.tmp").write_bytes(b"partial")  # a plain checkpoint killed mid-write
+    done = recover_checkpoints(d)
+    assert sorted(p.name for p in d.iterdir()) == ["last.ckpt", "other.ckpt"]
+    assert (d / "last.ckpt" / COMPLETE).is_file() and len(done) == 4
