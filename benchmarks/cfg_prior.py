@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lgframe.data import ImageDataModule
-from lgframe.io import atomic_path, write_json
-from lgframe.metrics import class_accuracy, digits_fid
-from lgframe.recipes import load_recipe
-from lgframe.run import fit
+from lgframe.data.datamodule import ImageDataModule
+from lgframe.formats.files import atomic_path, write_json
+from lgframe.training.metrics import class_accuracy, digits_fid
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = [0, 1, 2, 3, 4]

@@ -16,16 +16,16 @@ Writes benchmarks/results/descent.json and descent.png.
 from __future__ import annotations
 
 import argparse
-import sys
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lgframe.constraint import constraint_class, constraint_names, get_constraint
-from lgframe.io import atomic_path, write_json
-from lgframe.models import create_model
+from lgframe.core.registry import constraint_class, constraint_names, get_constraint
+from lgframe.formats.files import atomic_path, write_json
+from lgframe.models.registry import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {

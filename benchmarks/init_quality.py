@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from lgframe.compare import run_compare, size_tag
-from lgframe.constraint import constraint_names
-from lgframe.io import atomic_path, write_json
-from lgframe.recipes import load_recipe
+from lgframe.apps.compare import run_compare, size_tag
+from lgframe.core.registry import constraint_names
+from lgframe.formats.files import atomic_path, write_json
+from lgframe.training.recipes import load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"base": [], "shift": ["compare.descendant_data=shapes"], "limited": ["compare.train_fraction=0.1"]}

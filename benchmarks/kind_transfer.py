@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from lgframe.data import ImageDataModule
-from lgframe.io import write_json
-from lgframe.metrics import class_accuracy, digits_fid
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, plot_curves
+from lgframe.data.datamodule import ImageDataModule
+from lgframe.formats.files import write_json
 from lgframe.strategies.kind import decompose
-from lgframe.tasks import make_task
+from lgframe.training.metrics import class_accuracy, digits_fid
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, plot_curves
+from lgframe.training.tasks import make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEEP = [0, 3, 7]

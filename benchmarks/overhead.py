@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lgframe.constraint import constraint_names, get_constraint
-from lgframe.io import atomic_path, write_json
-from lgframe.models import create_model
+from lgframe.core.registry import constraint_names, get_constraint
+from lgframe.formats.files import atomic_path, write_json
+from lgframe.models.registry import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_KW = {"image_size": 8, "in_channels": 1, "num_classes": 10}

@@ -33,11 +33,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lgframe.io import atomic_path, save_model, write_json  # noqa: E402
-from lgframe.models import create_model  # noqa: E402
-from lgframe.personalize import (PersonalizeTask, add_lora, block_ranges, run_personalize, step_memory,  # noqa: E402
-                                 subject_images, with_subject_class)
-from lgframe.recipes import load_recipe  # noqa: E402
+from lgframe.apps.personalize import (  # noqa: E402
+    PersonalizeTask,
+    add_lora,
+    block_ranges,
+    run_personalize,
+    step_memory,
+    subject_images,
+    with_subject_class,
+)
+from lgframe.formats.files import atomic_path, write_json  # noqa: E402
+from lgframe.models.files import save_model
+from lgframe.models.registry import create_model  # noqa: E402
+from lgframe.training.recipes import load_recipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -105,8 +113,8 @@ def pretrain_base(out: Path, size: int, steps: int, seed: int = 0) -> str:
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lgframe.data import make_shapes
-    from lgframe.tasks import DiffusionTask
+    from lgframe.data.datasets import make_shapes
+    from lgframe.training.tasks import DiffusionTask
 
     pl.seed_everything(seed, verbose=False)
     x, y = make_shapes(4000, seed=seed, size=size)
@@ -188,7 +196,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model("DiT-Pico/2")
         with torch.no_grad():  # a non-degenerate base (adaLN-Zero starts every block as identity)
-            for n, p in model.named_parameters():
+            for _n, p in model.named_parameters():
                 if p.requires_grad and p.abs().sum() == 0:
                     p.normal_(0, 0.02)
         base = str(out / "quick_base.safetensors")

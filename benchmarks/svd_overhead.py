@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lgframe.constraint import BANK, ConstrainedLinear, get_constraint
-from lgframe.io import atomic_path, write_json
-from lgframe.models import create_model
+from lgframe.core.constraint import BANK, ConstrainedLinear
+from lgframe.core.registry import get_constraint
+from lgframe.formats.files import atomic_path, write_json
+from lgframe.models.registry import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import make_step, timed  # noqa: E402  (shared with the all-constraint benchmark)

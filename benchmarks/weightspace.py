@@ -29,9 +29,22 @@ from pathlib import Path
 
 import torch
 
-from lgframe.io import atomic_path, write_json
-from lgframe.weightspace import (Adapter, Base, WeightDataset, WeightspaceCfg, class_gaussian, classify, field_images,
-                                 fit_base, fit_items, render_vectors, sample_weights, score_digits, train_generator)
+from lgframe.apps.weightspace import (
+    Adapter,
+    Base,
+    WeightDataset,
+    WeightspaceCfg,
+    class_gaussian,
+    classify,
+    field_images,
+    fit_base,
+    fit_items,
+    render_vectors,
+    sample_weights,
+    score_digits,
+    train_generator,
+)
+from lgframe.formats.files import atomic_path, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {

@@ -3,17 +3,24 @@
 Exit status: 0 success; 1 an error (LgframeError: what was wrong and what is
 valid, as one paragraph; anything else: its type and message); 2 a usage error
 (argparse). The full traceback is printed only with --debug.
+
+Each command imports what it needs when it runs (the imports inside the command
+functions say which heavy library each defers), so `lgframe --help`, `--version`
+and a usage error answer without loading torch or Lightning.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import sys
 import textwrap
 from pathlib import Path
 
+from lgframe import __version__
 from lgframe.errors import LgframeError
 
 EPILOG = """\
@@ -36,13 +43,13 @@ def _overrides_help() -> str:
 
 
 def cmd_list(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # deferred: rich's tables, for `list` only
+    from rich.table import Table  # deferred: rich's tables, for `list` only
 
-    from lgframe.constraint import constraint_class, constraint_names
-    from lgframe.dit import DIT_PATCHES, DIT_SIZES
-    from lgframe.recipes import shipped_recipes
-    from lgframe.vit import VIT_PATCHES, VIT_SIZES
+    from lgframe.core.registry import constraint_class, constraint_names  # deferred: torch
+    from lgframe.models.dit import DIT_PATCHES, DIT_SIZES  # deferred: torch
+    from lgframe.models.vit import VIT_PATCHES, VIT_SIZES  # deferred: torch
+    from lgframe.training.recipes import shipped_recipes  # deferred: torch, Lightning, diffusers
 
     con = Console()
     t = Table(title="constraints (constraint: NAME)")
@@ -70,13 +77,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_fit(args, learngene: bool) -> int:
-    from lgframe.recipes import load_recipe
-    from lgframe.run import fit
+    from lgframe.training.recipes import load_recipe  # deferred: torch
 
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    cfg = load_recipe(args.recipe, args.overrides)  # a bad recipe fails before Lightning is loaded
+    from lgframe.training.stages import fit  # deferred: torch, Lightning, diffusers
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    _quiet_lightning()
     res = fit(cfg, extract_learngene=learngene)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only  # loaded by fit already
+
     if rank_zero_only.rank != 0:
         return 0
     print(f"run directory: {res.run_dir}")
@@ -92,15 +101,15 @@ def cmd_fit(args, learngene: bool) -> int:
 
 
 def _check_out(args, *inputs, folder: bool = False):
-    from lgframe.io import check_output
+    from lgframe.formats.files import check_output  # deferred: torch, safetensors
 
     return check_output(args.out, [*inputs], overwrite=args.overwrite, folder=folder)
 
 
 def _check_learngene_out(args, *inputs) -> None:
     """A learngene output is two files: NAME.safetensors and NAME.json."""
-    from lgframe.io import check_output
-    from lgframe.learngene import paths_for
+    from lgframe.formats.files import check_output  # deferred: torch, safetensors
+    from lgframe.formats.learngene import paths_for  # deferred: torch, safetensors
 
     ins = [p for i in inputs for p in ((i,) if i is None or Path(i).is_dir() else paths_for(i) + (Path(i),))]
     for p in paths_for(args.out):
@@ -108,10 +117,10 @@ def _check_learngene_out(args, *inputs) -> None:
 
 
 def cmd_learngene(args) -> int:
-    from lgframe.run import extract_learngene
+    from lgframe.training.stages import extract_learngene_file  # deferred: torch, Lightning, diffusers
 
     _check_learngene_out(args, args.checkpoint)
-    st, js = extract_learngene(args.checkpoint, args.out, args.constraint)
+    st, js = extract_learngene_file(args.checkpoint, args.out, args.constraint)
     manifest = json.loads(js.read_text())
     print(f"wrote {st} and {js}")
     print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in manifest["bytes"].items()))
@@ -119,7 +128,7 @@ def cmd_learngene(args) -> int:
 
 
 def _parse_options(items: list[str]) -> dict:
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # deferred: OmegaConf
 
     bad = [i for i in items if "=" not in i]
     if bad:
@@ -128,8 +137,8 @@ def _parse_options(items: list[str]) -> dict:
 
 
 def cmd_descend(args) -> int:
-    from lgframe.learngene import paths_for
-    from lgframe.run import descend_file
+    from lgframe.formats.learngene import paths_for  # deferred: torch, safetensors
+    from lgframe.training.stages import descend_file  # deferred: torch, Lightning, diffusers
 
     _check_out(args, args.learngene, *paths_for(args.learngene))
     model = descend_file(args.learngene, args.model, args.out, _parse_options(args.option))
@@ -142,14 +151,12 @@ def cmd_descend(args) -> int:
 
 
 def _sample_kw(args) -> dict:
-    from lgframe.run import sampling_kwargs
+    from lgframe.training.stages import sampling_kwargs  # deferred: torch, Lightning, diffusers
 
     return sampling_kwargs(args.guidance, args.steps, args.scheduler, args.seed, args.uncond_from)
 
 
 def _check_sampling_args(args) -> None:
-    import math
-
     if getattr(args, "n", 1) is not None and args.command == "sample" and args.n < 1:
         raise LgframeError(f"--n {args.n}: the number of samples must be at least 1")
     if args.steps is not None and args.steps < 1:
@@ -168,8 +175,8 @@ def _add_sampling_args(s) -> None:
 
 
 def cmd_sample(args) -> int:
-    from lgframe.run import load_task, save_sample_grid
-    from lgframe.tasks import DiffusionTask
+    from lgframe.training.stages import load_task, save_sample_grid  # deferred: torch, Lightning, diffusers
+    from lgframe.training.tasks import DiffusionTask  # deferred: torch, Lightning, diffusers
 
     _check_out(args, args.checkpoint, args.uncond_from)
     _check_sampling_args(args)
@@ -182,8 +189,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from lgframe.recipes import load_recipe
-    from lgframe.run import evaluate, load_task
+    from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
+    from lgframe.training.stages import evaluate, load_task  # deferred: torch, Lightning, diffusers
 
     if args.out:
         _check_out(args, args.checkpoint, args.uncond_from, args.inception_weights)
@@ -195,15 +202,15 @@ def cmd_evaluate(args) -> int:
     res = evaluate(task, data, n_samples=args.n, inception_weights=args.inception_weights, **_sample_kw(args))
     print(json.dumps(res, indent=2))
     if args.out:
-        from lgframe.io import write_json
+        from lgframe.formats.files import write_json  # deferred: torch, safetensors
 
         write_json(args.out, res)
     return 0
 
 
 def cmd_import(args) -> int:
-    from lgframe.convert import from_diffusers, from_timm
-    from lgframe.io import save_model
+    from lgframe.models.convert import from_diffusers, from_timm  # deferred: torch, diffusers, timm
+    from lgframe.models.files import save_model  # deferred: torch
 
     _check_out(args, args.source)
     model = (from_diffusers if args.format == "diffusers" else from_timm)(args.source)
@@ -215,11 +222,11 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lgframe.convert import to_diffusers, to_timm
-    from lgframe.io import load_model
+    from lgframe.models.convert import to_diffusers, to_timm  # deferred: torch, diffusers, timm
+    from lgframe.models.files import read_model  # deferred: torch
 
     _check_out(args, args.checkpoint, folder=True)
-    model, _ = load_model(args.checkpoint)
+    model, _ = read_model(args.checkpoint)
     if args.format == "diffusers":
         to_diffusers(model, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
@@ -230,7 +237,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from lgframe.latents import encode_folder
+    from lgframe.data.latents import encode_folder  # deferred: torch, diffusers
 
     _check_out(args, args.vae, args.images, folder=True)
     info = encode_folder(args.vae, args.images, args.out, image_size=args.image_size, channels=args.channels,
@@ -242,15 +249,15 @@ def cmd_encode(args) -> int:
 
 
 def cmd_weightspace(args) -> int:
-    import torch
+    import torch  # deferred: torch
 
-    from lgframe import weightspace as ws
+    from lgframe.apps import weightspace as ws  # deferred: torch, Lightning, diffusers
 
     if args.out is not None and args.stage == "fit":
         raise LgframeError("weightspace fit: the output is the recipe key out=FILE, not --out")
     if args.stage == "fit":
         c = ws.load_cfg(args.recipe, args.overrides)
-        from lgframe.io import check_output
+        from lgframe.formats.files import check_output  # deferred: torch, safetensors
 
         check_output(c.out, [args.recipe], overwrite=args.overwrite, what="out=")
         ds = ws.fit_dataset(c)
@@ -267,6 +274,7 @@ def cmd_weightspace(args) -> int:
                 setattr(ds.cfg, k, getattr(over, k))
         out = args.out or "weightspace_generator.safetensors"
         _check_out(argparse.Namespace(out=out, overwrite=args.overwrite), args.recipe)
+        _quiet_lightning()
         task, stats = ws.train_generator(ds)
         ws.save_generator(task, stats, args.recipe, out)
         print(f"wrote {out}: a DiT over {stats['tokens']} weight tokens ({stats['grid']}x{stats['grid']} grid)")
@@ -281,9 +289,9 @@ def cmd_weightspace(args) -> int:
     n = args.n
     labels = torch.arange(n) % k
     imgs = ws.render_vectors(ds.adapter, ws.sample_weights(ds, task, stats, labels), ds.cfg.size)
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # deferred: torchvision
 
-    from lgframe.io import atomic_path
+    from lgframe.formats.files import atomic_path  # deferred: torch, safetensors
 
     with atomic_path(out) as tmp:
         save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
@@ -292,8 +300,8 @@ def cmd_weightspace(args) -> int:
 
 
 def cmd_decompose(args) -> int:
-    from lgframe.io import load_model, save_model
-    from lgframe.strategies.kind import decompose
+    from lgframe.models.files import read_model, save_model  # deferred: torch
+    from lgframe.strategies.kind import decompose  # deferred: torch
 
     if (args.classes is None) == (not args.learngene_only):
         raise LgframeError("decompose: give either --classes 0,3,7 or --learngene-only")
@@ -302,7 +310,7 @@ def cmd_decompose(args) -> int:
     except ValueError:
         raise LgframeError(f"--classes {args.classes!r}: expected comma-separated class ids, e.g. 0,3,7") from None
     _check_out(args, args.checkpoint)
-    model, _ = load_model(args.checkpoint)
+    model, _ = read_model(args.checkpoint)
     small = decompose(model, classes)
     save_model(small, args.out)
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
@@ -312,9 +320,10 @@ def cmd_decompose(args) -> int:
 
 
 def cmd_personalize(args) -> int:
-    from lgframe.personalize import run_personalize
-    from lgframe.recipes import load_recipe
+    from lgframe.apps.personalize import run_personalize  # deferred: torch, Lightning, diffusers
+    from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
 
+    _quiet_lightning()
     res = run_personalize(load_recipe(args.recipe, args.overrides))
     mem = res.memory["total"] / 2**20
     print(f"run directory: {res.run_dir}")
@@ -324,18 +333,20 @@ def cmd_personalize(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lgframe.compare import run_compare
-    from lgframe.recipes import load_recipe
+    from lgframe.apps.compare import run_compare  # deferred: torch, Lightning, diffusers
+    from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
 
+    _quiet_lightning()
     report = run_compare(load_recipe(args.recipe, args.overrides), samples=args.samples)
     print(f"report: {report}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from lgframe.demo import run_demo
+    from lgframe.apps.demo import run_demo  # deferred: torch, Lightning, diffusers
 
     _check_out(args, folder=True)
+    _quiet_lightning()
     report = run_demo(Path(args.out), steps=args.steps, descendant_steps=args.descendant_steps, constraint=args.constraint)
     print(f"report: {report}")
     return 0
@@ -348,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"lgframe {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log lgframe's decisions (e.g. svd fit errors)")
     p.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -454,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--descendant-steps", type=int, default=300, help="steps for each descendant and scratch model")
     s.add_argument("--constraint", default="svd", help="the ancestor's constraint (any registered name; see `lgframe list`)")
     s.set_defaults(func=cmd_demo)
-    for name, sp in sub.choices.items():
+    for sp in sub.choices.values():
         if any("--out" in a.option_strings for a in sp._actions):
             sp.add_argument("--overwrite", action="store_true",
                             help="replace an existing output (never one of the command's inputs)")
@@ -464,8 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
 def user_message(e: BaseException) -> str:
     """One paragraph for an error: an LgframeError as it is; a full disk or another
     OS error by its cause and file; anything else by its type and first line."""
-    import errno
-
     if isinstance(e, LgframeError):
         return str(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -478,6 +488,13 @@ def user_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {first} (run with --debug for the traceback)"
 
 
+def _quiet_lightning() -> None:
+    """Lightning sets its logger to INFO when it is imported (GPU-available lines, tips);
+    commands that train call this after importing it, unless -v asked for them."""
+    if not logging.getLogger("lgframe").isEnabledFor(logging.INFO):
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -486,10 +503,6 @@ def main(argv: list[str] | None = None) -> int:
     lg_log = logging.getLogger("lgframe")
     lg_log.addHandler(handler)
     lg_log.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if not args.verbose:  # Lightning's banner lines (GPU available, tips) are noise here
-        import lightning.pytorch  # noqa: F401  (it sets its logger's level at import)
-
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
         return 0

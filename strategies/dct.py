@@ -46,10 +46,21 @@ import numpy as np
 import scipy.fft
 import torch
 
-from lgframe.constraint import BaseOptions, TransformConstraint, register_constraint
+from lgframe.core.constraint import BaseOptions, TransformConstraint
+from lgframe.core.layout import Dims, Layout, Role, model_dims
+from lgframe.core.registry import register_constraint
+from lgframe.core.resize import (
+    along,
+    axis_chunks,
+    check_fan_in_power,
+    fan_in_factor,
+    resize,
+    resize_free,
+    restore,
+    stack_chunks,
+    standardize,
+)
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, model_dims
-from lgframe.resize import along, axis_chunks, check_fan_in_power, fan_in_factor, resize, resize_free, restore, stack_chunks, standardize
 
 BANDS = ("low", "high")
 
@@ -135,8 +146,8 @@ class DCT(TransformConstraint):
         return stack_chunks(role.shape, role.shape, a, a, role.name)
 
     # -- learngene --------------------------------------------------------------
-    def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
-        chunks = self.chunks(role, self.dims)
+    def encode(self, role: Role, stack: torch.Tensor, dims: Dims) -> dict[str, torch.Tensor]:
+        chunks = self.chunks(role, dims)
         z, mean, std = standardize(stack.float().numpy())
         sizes = tuple(n // k for n, k in zip(z.shape, chunks))
         high = self.options.band == "high"

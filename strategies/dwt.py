@@ -41,10 +41,22 @@ import numpy as np
 import pywt
 import torch
 
-from lgframe.constraint import BaseOptions, TransformConstraint, register_constraint
+from lgframe.core.constraint import BaseOptions, TransformConstraint
+from lgframe.core.layout import Dims, Layout, Role
+from lgframe.core.registry import register_constraint
+from lgframe.core.resize import (
+    along,
+    axis_chunks,
+    check_fan_in_power,
+    fan_in_factor,
+    linear_resample,
+    resize,
+    resize_free,
+    restore,
+    stack_chunks,
+    standardize,
+)
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role
-from lgframe.resize import along, axis_chunks, check_fan_in_power, fan_in_factor, linear_resample, resize, resize_free, restore, stack_chunks, standardize
 
 
 def dyadic_level(N: int, n: int) -> int:
@@ -99,9 +111,9 @@ class DWT(TransformConstraint):
         return restore(y, mean, std, self.options.match_stats)
 
     # -- learngene --------------------------------------------------------------
-    def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, role: Role, stack: torch.Tensor, dims: Dims) -> dict[str, torch.Tensor]:
         x = stack.float().numpy()
-        chunks = stack_chunks(role.shape, role.shape, self.dims, self.dims, role.name)
+        chunks = stack_chunks(role.shape, role.shape, dims, dims, role.name)
         for _ in range(self.options.level):
             for axis in (1, 2):
                 if x.shape[axis] // chunks[axis] >= 2:

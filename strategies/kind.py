@@ -64,10 +64,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lgframe.constraint import BANK, SPEC_ATTR, Bank, BaseOptions, Constraint, ConstrainedLinear, attached_constraint, inherit_free, log, register_constraint
+from lgframe.core.constraint import (
+    BANK,
+    SPEC_ATTR,
+    Bank,
+    BaseOptions,
+    ConstrainedLinear,
+    FactorizedConstraint,
+    attached_constraint,
+    inherit_free,
+    log,
+)
+from lgframe.core.layout import Dims, Layout, Role, model_identity, resample_depth, select_width
+from lgframe.core.registry import register_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, model_identity, resample_depth, select_width
-from lgframe.learngene import Learngene
+from lgframe.formats.learngene import Learngene
 
 GATES = ("hard", "soft")
 TAILOR_MODES = ("inherit", "fresh")
@@ -91,14 +102,6 @@ def label_argument(model: nn.Module) -> tuple[str, int] | None:
             if p.name == name:
                 return name, i
     return None
-
-
-def capture_labels(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook on the model root: hand the batch's class labels to the bank."""
-    bank = getattr(module, BANK, None)
-    if getattr(bank, "label_arg", None) is not None:  # duck-typed: this module may be imported under two names
-        name, pos = bank.label_arg
-        bank.labels = kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
 
 
 def random_columns(rows: int, cols: int) -> torch.Tensor:
@@ -130,6 +133,12 @@ class KindBank(Bank):
         if self.soft:
             self.gate_logits = nn.Parameter(table[:C] * 2 * SOFT_LOGIT - SOFT_LOGIT)
         self.register_buffer("hard_table", table, persistent=False)
+
+    def before_forward(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Hand the batch's class labels (the forward's label argument) to the layers."""
+        if self.label_arg is not None:
+            name, pos = self.label_arg
+            self.labels = kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
 
     @property
     def n_tailors(self) -> int:
@@ -191,11 +200,14 @@ class KindOptions(BaseOptions):
 
 
 @register_constraint
-class Kind(Constraint):
+class Kind(FactorizedConstraint):
     name = "kind"
     Options = KindOptions
     bank_class = KindBank
     scaler_names = ("sG", "sT")
+    # U_G, V_G are the learngene; the tailors U_T, V_T always train (stored with the learngene
+    # group so a descendant can inherit them); the soft gate, outside the factors, is free too.
+    bank_groups = {"UT": "free", "VT": "free"}
     lossless_options = {"learngene_rank": "full"}
 
     def check_options(self) -> None:
@@ -228,22 +240,16 @@ class Kind(Constraint):
         return int(r)
 
     # -- attach ---------------------------------------------------------------
-    def attach(self, model: nn.Module, layout: Layout | None = None, init: str = "random") -> nn.Module:
-        if attached_constraint(model) is not None:
-            return super().attach(model, layout, init)  # idempotent / refuses another constraint
+    def resolve(self, model: nn.Module, layout: Layout, roles: list[Role], init: str) -> dict:
+        """The classes owning tailors (every class of the model by default) and each role's learngene rank."""
         C = num_classes_of(model)
         o = self.options
-        if o.classes is None:
-            o.classes = list(range(C)) if C is not None else []
-        o.classes = [int(c) for c in o.classes]
-        if o.classes and (C is None or max(o.classes) >= C):
-            raise LgframeError(f"kind option classes={o.classes}: the model has {C or 0} classes (valid ids 0..{(C or 1) - 1})")
-        if not isinstance(o.learngene_rank, dict):
-            o.learngene_rank = {"*": o.learngene_rank}
-        super().attach(model, layout, init)
-        if not any(h is capture_labels for h in model._forward_pre_hooks.values()):
-            model.register_forward_pre_hook(capture_labels, with_kwargs=True)
-        return model
+        classes = [int(c) for c in (o.classes if o.classes is not None else (range(C) if C is not None else []))]
+        if classes and (C is None or max(classes) >= C):
+            raise LgframeError(f"kind option classes={classes}: the model has {C or 0} classes (valid ids 0..{(C or 1) - 1})")
+        ranks = dict(o.learngene_rank) if isinstance(o.learngene_rank, dict) else {"*": o.learngene_rank}
+        ranks |= {r.name: self.rank_of(r) for r in roles}
+        return super().resolve(model, layout, roles, init) | {"classes": classes, "learngene_rank": ranks}
 
     def make_bank(self, model: nn.Module) -> KindBank:
         o = self.options
@@ -252,7 +258,6 @@ class Kind(Constraint):
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape
         rG = self.rank_of(role)
-        self.options.learngene_rank[role.name] = rG
         nT = len(self.options.classes) * self.options.tailor_rank
         if init == "empty":
             return ({"UG": torch.empty(m, rG), "VG": torch.empty(n, rG), "UT": torch.empty(m, nT), "VT": torch.empty(n, nT)},
@@ -275,18 +280,18 @@ class Kind(Constraint):
 
     # -- learngene / descend --------------------------------------------------------
     def learngene(self, model: nn.Module) -> Learngene:
-        lg = super().learngene(model)
-        lg.options = dict(attached_constraint(model).options)  # the model's resolved classes, ranks and gate
+        lg = super().learngene(model)  # records the model's resolved classes, ranks and gate
         bank = getattr(model, BANK)
         if bank.soft:
             lg.tensors["scalers/gate/logits"] = bank.gate_logits.detach().clone()
         return lg
 
-    def prepare_descend(self, learngene: Learngene, layout: Layout, dims: Dims) -> None:
-        o, src = self.options, learngene.options
-        o.learngene_rank = {name: int(learngene.tensors[f"learngene/{name}/UG"].shape[1]) for name in learngene.roles}
-        if o.tailors == "inherit":
-            o.classes, o.tailor_rank, o.gate = list(src["classes"]), int(src["tailor_rank"]), src["gate"]
+    def descent_options(self, learngene: Learngene, layout: Layout, dims: Dims) -> dict:
+        src = learngene.options
+        out = {"learngene_rank": {name: int(learngene.tensors[f"learngene/{name}/UG"].shape[1]) for name in learngene.roles}}
+        if self.options.tailors == "inherit":
+            out |= {"classes": list(src["classes"]), "tailor_rank": int(src["tailor_rank"]), "gate": src["gate"]}
+        return out
 
     def descend(self, learngene: Learngene, model: nn.Module) -> nn.Module:
         if self.options.tailors == "inherit":
@@ -296,16 +301,11 @@ class Kind(Constraint):
                     f"kind: the learngene's model has {C_src} classes, the target {C_dst}; inherited tailors need the same "
                     "label set: use `tailors: fresh` to transfer the learngene alone to a new label set"
                 )
-        model = super().descend(learngene, model)
+        model = super().descend(learngene, model)  # freezes U_G, V_G only: the tailors are free (bank_groups)
         bank = getattr(model, BANK)
         with torch.no_grad():
             if bank.soft and self.options.tailors == "inherit" and "scalers/gate/logits" in learngene.tensors:
                 bank.gate_logits.copy_(learngene.tensors["scalers/gate/logits"])
-        for key, f in bank.factors.items():  # only U_G, V_G are the learngene; tailors always train
-            for k in ("UT", "VT"):
-                f[k].requires_grad_(True)
-        if bank.soft:
-            bank.gate_logits.requires_grad_(True)
         return model
 
     def descend_free(self, learngene: Learngene, model: nn.Module, layout: Layout, a: Dims, b: Dims) -> None:
@@ -337,18 +337,6 @@ class Kind(Constraint):
         return out_shared, out_scalers
 
     # -- the rest of the contract --------------------------------------------------
-    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        """learngene: U_G, V_G; scalers: sigma_G, sigma_T; free: U_T, V_T, the soft gate and the rest."""
-        groups = super().param_groups(model)
-        bank = getattr(model, BANK)
-        tailor = {id(f[k]) for f in bank.factors.values() for k in ("UT", "VT")}
-        if bank.soft:
-            tailor.add(id(bank.gate_logits))
-        moved = [p for p in groups["learngene"] if id(p) in tailor]
-        groups["learngene"] = [p for p in groups["learngene"] if id(p) not in tailor]
-        groups["free"] = groups["free"] + moved
-        return groups
-
     def materialize(self, model: nn.Module) -> nn.Module:
         bank = self._require_attached(model)
         active = [m for m in self.constrained_layers(model) if m.sT.numel() and bool(m.sT.detach().abs().max() > 0)]
@@ -358,8 +346,6 @@ class Kind(Constraint):
                 "form; `lgframe decompose CKPT --learngene-only` keeps the class-agnostic part, or export the "
                 "class-restricted model with `lgframe decompose CKPT --classes ...`"
             )
-        for key in [k for k, h in model._forward_pre_hooks.items() if h is capture_labels]:
-            del model._forward_pre_hooks[key]
         return super().materialize(model)
 
 

@@ -82,10 +82,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lgframe.constraint import Bank, BaseOptions, Constraint, ConstrainedLinear, log, register_constraint
+from lgframe.core.constraint import Bank, BaseOptions, ConstrainedLinear, FactorizedConstraint, log
+from lgframe.core.layout import Dims, Layout, Role, model_dims, resample_depth, width_index
+from lgframe.core.registry import register_constraint
+from lgframe.core.resize import axis_chunks, fan_in_factor, linear_resample, resize
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, model_dims, resample_depth, width_index
-from lgframe.resize import axis_chunks, fan_in_factor, linear_resample, resize
 
 WIDTH_RULES = ("select", "interpolate")
 
@@ -180,7 +181,7 @@ class KroneckerOptions(BaseOptions):
 
 
 @register_constraint
-class Kronecker(Constraint):
+class Kronecker(FactorizedConstraint):
     """WeiT/WAVE: every layer's weights are sums of Kronecker products of its own
     scalers with k weight templates shared by all layers and sizes."""
 
@@ -198,8 +199,12 @@ class Kronecker(Constraint):
         )
         if not ok:
             raise LgframeError(f"kronecker option template={t!r}; valid: 'head' or [a, b] with positive ints")
-        if not (o.k == "full" or (isinstance(o.k, int) and not isinstance(o.k, bool) and o.k >= 1)):
-            raise LgframeError(f"kronecker option k={o.k!r}; valid: a positive int or 'full'")
+        def positive(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not (o.k == "full" or positive(o.k) or (isinstance(o.k, dict) and o.k and all(positive(v) for v in o.k.values()))):
+            raise LgframeError(f"kronecker option k={o.k!r}; valid: a positive int or 'full' (a descent records "
+                               "{role: a positive int})")
         if o.width_rule not in WIDTH_RULES:
             raise LgframeError(f"kronecker option width_rule={o.width_rule!r}; valid: {', '.join(WIDTH_RULES)}")
 
@@ -207,24 +212,29 @@ class Kronecker(Constraint):
         t = self.options.template
         return (dims.head_dim, dims.head_dim) if t == "head" else (int(t[0]), int(t[1]))
 
-    def attach(self, model, layout=None, init="random"):
-        self._shape = self.template_shape(model_dims(model))
-        if self.options.template == "head":
-            self.options.template = list(self._shape)  # the learngene records the shape it used
-        layout = layout or Layout(model)
-        a, b = self._shape
-        for role in layout.select_roles(self.options.roles):
+    @property
+    def _shape(self) -> tuple[int, int]:
+        """The template shape (a, b) once resolved for a model (see `resolve`)."""
+        t = self.options.template
+        if t == "head":
+            raise RuntimeError("kronecker: the template shape is resolved by attach (resolve) before it is used")
+        return int(t[0]), int(t[1])
+
+    def resolve(self, model, layout: Layout, roles: list[Role], init: str) -> dict:
+        """The template shape this model uses (the learngene records it), checked to tile every role."""
+        a, b = self.template_shape(model_dims(model))
+        for role in roles:
             _, m, n = role.shape
             if m % a or n % b:
                 raise LgframeError(
                     f"kronecker template {a}x{b} does not tile role {role.name} ({m}x{n}); "
                     f"choose `template` dividing both (e.g. 'head', the head dimension {model_dims(model).head_dim})"
                 )
-        return super().attach(model, layout, init)
+        return super().resolve(model, layout, roles, init) | {"template": [a, b]}
 
     def k_of(self, role: Role) -> int:
-        if role.name in getattr(self, "_k", {}):  # descending: the learngene's count
-            return self._k[role.name]
+        if isinstance(self.options.k, dict):  # descending: the learngene's count per role
+            return int(self.options.k[role.name])
         L, m, n = role.shape
         a, b = self._shape
         full = min(a * b, L * (m // a) * (n // b))
@@ -256,12 +266,11 @@ class Kronecker(Constraint):
         return {"T": V.reshape(k, a, b).float()}, {"S": S.float()}
 
     # -- descend --------------------------------------------------------------
-    def prepare_descend(self, learngene, layout: Layout, dims: Dims) -> None:
+    def descent_options(self, learngene, layout: Layout, dims: Dims) -> dict:
+        """The learngene's template shape and its template count per role."""
         name = next(iter(learngene.roles))
-        self._shape = tuple(learngene.tensors[f"learngene/{name}/T"].shape[1:])
-        self.options.template = list(self._shape)
-        self._k = {n: learngene.tensors[f"learngene/{n}/T"].shape[0] for n in learngene.roles}
-        self.options.k = max(self._k.values())
+        shape = list(learngene.tensors[f"learngene/{name}/T"].shape[1:])
+        return {"template": shape, "k": {n: int(learngene.tensors[f"learngene/{n}/T"].shape[0]) for n in learngene.roles}}
 
     def check_target(self, learngene, layout: Layout, a: Dims, b: Dims) -> None:
         super().check_target(learngene, layout, a, b)

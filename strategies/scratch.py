@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from lgframe.constraint import Constraint, register_constraint
+from lgframe.core.constraint import Constraint
+from lgframe.core.registry import register_constraint
 from lgframe.errors import LgframeError
 
 
@@ -18,12 +19,6 @@ class Scratch(Constraint):
 
     def attach(self, model: nn.Module, layout=None, init: str = "random") -> nn.Module:
         return model
-
-    def build(self, role, stack, init):  # never called: attach keeps the model dense
-        raise NotImplementedError
-
-    def descend_role(self, *args, **kwargs):  # never called: descend keeps the fresh init
-        raise NotImplementedError
 
     def learngene(self, model: nn.Module):
         raise LgframeError(

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from lgframe.constraint import TransformConstraint, register_constraint
-from lgframe.layout import Dims, Layout, Role, model_depth
+from lgframe.core.constraint import TransformConstraint
+from lgframe.core.layout import Dims, Layout, Role, model_depth
+from lgframe.core.registry import register_constraint
 
 CLASSIFIER_PREFIXES = ("head.",)
 
@@ -59,7 +60,7 @@ class Select(TransformConstraint):
 
     name = "select"
 
-    def encode(self, role: Role, stack: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, role: Role, stack: torch.Tensor, dims: Dims) -> dict[str, torch.Tensor]:
         return {"stack": stack.float()}
 
     def decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:

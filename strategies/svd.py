@@ -40,9 +40,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lgframe.constraint import Bank, BaseOptions, Constraint, ConstrainedLinear, log, register_constraint
+from lgframe.core.constraint import Bank, BaseOptions, ConstrainedLinear, FactorizedConstraint, log
+from lgframe.core.layout import Dims, Layout, Role, resample_depth, select_width
+from lgframe.core.registry import register_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, Role, resample_depth, select_width
 
 SIGMA_INITS = ("interpolate", "copy", "random")
 
@@ -82,7 +83,7 @@ class SVDOptions(BaseOptions):
 
 
 @register_constraint
-class SVD(Constraint):
+class SVD(FactorizedConstraint):
     name = "svd"
     Options = SVDOptions
     bank_class = SVDBank
@@ -110,12 +111,16 @@ class SVD(Constraint):
         return r
 
     # -- attach ---------------------------------------------------------------
+    def resolve(self, model, layout: Layout, roles: list[Role], init: str) -> dict:
+        """Each role's rank, recorded per role (an int or "full" for every role stays as "*")."""
+        rank = self.options.rank
+        ranks = dict(rank) if isinstance(rank, dict) else {"*": rank}
+        ranks |= {r.name: self.rank_of(r) for r in roles}  # an invalid rank fails here, before any tensor exists
+        return super().resolve(model, layout, roles, init) | {"rank": ranks}
+
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape
         r = self.rank_of(role)
-        if not isinstance(self.options.rank, dict):  # an int or "full" for every role -> per role
-            self.options.rank = {"*": self.options.rank}
-        self.options.rank[role.name] = r
         if init == "empty":  # descend overwrites every tensor
             return {"U": torch.empty(m, r), "V": torch.empty(n, r)}, {"sigma": torch.empty(L, r)}
         if init == "random":
@@ -130,12 +135,13 @@ class SVD(Constraint):
         return {"U": U.float(), "V": V.float()}, {"sigma": sigma.float()}
 
     # -- descend --------------------------------------------------------------
-    def prepare_descend(self, learngene, layout: Layout, dims: Dims) -> None:
+    def descent_options(self, learngene, layout: Layout, dims: Dims) -> dict:
+        """The learngene's ranks, capped by the target's shapes."""
         ranks = {}
         for name in learngene.roles:
             _, m, n = layout.roles[name].shape
             ranks[name] = min(learngene.tensors[f"learngene/{name}/U"].shape[1], m, n)
-        self.options.rank = ranks
+        return {"rank": ranks}
 
     def descend_role(self, role, src_shape, shared, scalers, current, a: Dims, b: Dims):
         L2, m2, n2 = role.shape

@@ -101,18 +101,16 @@ import torch.nn.functional as F
 from tensorly.decomposition import tucker as tensorly_tucker
 from tensorly.tenalg import multi_mode_dot
 
-from lgframe.constraint import (
+from lgframe.core.constraint import (
     BANK,
     Bank,
     BaseOptions,
-    Constraint,
     ConstrainedLinear,
+    FactorizedConstraint,
     attached_constraint,
     log,
-    register_constraint,
 )
-from lgframe.errors import LgframeError
-from lgframe.layout import (
+from lgframe.core.layout import (
     Dims,
     Layout,
     Role,
@@ -123,6 +121,9 @@ from lgframe.layout import (
     select_width,
     width_index,
 )
+from lgframe.core.registry import register_constraint
+from lgframe.errors import LgframeError
+from lgframe.models.registry import model_from_config
 
 RANK_PRESETS = ("layer", "full")
 WIDTH_SCALERS = ("B", "C")  # bank tensors that are scalers, not learngene
@@ -141,7 +142,7 @@ class TuckerBank(Bank):
         write a full-size gradient of G in the backward: at DiT-B size (G of
         12 x 768 x 768 per role) that memory traffic cost more than the
         matmuls the factors replace. Nothing outlives the forward."""
-        cache = self.__dict__.get("_lg_cores")
+        cache = self.__dict__.get("_lg_cores")  # set around a forward of the model root
         if cache is None:
             return torch.tensordot(mod.A, self.of(mod)["G"], dims=1)
         cores = cache.get(mod.role)
@@ -152,6 +153,12 @@ class TuckerBank(Bank):
             stacked = (A @ G.reshape(G.shape[0], -1)).reshape(len(layers), *G.shape[1:])
             cores = cache[mod.role] = dict(zip((m.layer for m in layers), stacked.unbind(0)))
         return cores[mod.layer]
+
+    def before_forward(self, root: nn.Module, args: tuple, kwargs: dict) -> None:
+        open_core_cache(self, root)
+
+    def after_forward(self, root: nn.Module) -> None:
+        object.__setattr__(self, "_lg_cores", None)
 
     def weight(self, mod: ConstrainedLinear) -> torch.Tensor:
         f = self.of(mod)
@@ -185,13 +192,10 @@ class TuckerBank(Bank):
         return y
 
 
-def open_core_cache(root: nn.Module, args) -> None:
-    """Forward pre-hook on the model root: the bank may batch its layer cores
-    for this forward. Off where the per-layer scalers are sharded (FSDP2
-    DTensors: only the running block's are gathered)."""
-    bank = getattr(root, BANK, None)
-    if not isinstance(bank, TuckerBank):
-        return
+def open_core_cache(bank: TuckerBank, root: nn.Module) -> None:
+    """Before a forward of the whole model: the bank may batch its layer cores for
+    this forward. Off where the per-layer scalers are sharded (FSDP2 DTensors: only
+    the running block's are gathered)."""
     layers: dict[str, list[ConstrainedLinear]] = {}
     for m in root.modules():
         if isinstance(m, ConstrainedLinear):
@@ -199,16 +203,6 @@ def open_core_cache(root: nn.Module, args) -> None:
                 return
             layers.setdefault(m.role, []).append(m)
     object.__setattr__(bank, "_lg_cores", {"layers": layers})
-
-
-def close_core_cache(root: nn.Module, args, output) -> None:
-    """Forward hook on the model root (also called when the forward raised)."""
-    bank = getattr(root, BANK, None)
-    if isinstance(bank, TuckerBank):
-        object.__setattr__(bank, "_lg_cores", None)
-
-
-CORE_CACHE_HOOKS = (open_core_cache, close_core_cache)
 
 
 # ------------------------------------------------------------------ factorization
@@ -273,16 +267,13 @@ def _valid_ranks(r) -> bool:
 
 
 @register_constraint
-class Tucker(Constraint):
+class Tucker(FactorizedConstraint):
     name = "tucker"
     Options = TuckerOptions
     bank_class = TuckerBank
     scaler_names = ("A",)
+    bank_groups = dict.fromkeys(WIDTH_SCALERS, "scalers")  # per role and size-specific: trained, never frozen
     lossless_options = {"ranks": "full"}
-
-    def __init__(self, **options):
-        self._descent_ranks: dict[str, list[int]] = {}
-        super().__init__(**options)
 
     def check_options(self) -> None:
         o = self.options
@@ -337,27 +328,18 @@ class Tucker(Constraint):
         return p, q, s
 
     # -- attach ---------------------------------------------------------------
-    def attach(self, model: nn.Module, layout: Layout | None = None, init: str = "random") -> nn.Module:
-        if attached_constraint(model) is None:
-            # Resolve every role's ranks first: one role's error must not leave half a model.
-            layout = layout or Layout(model)
-            roles = layout.select_roles(self.options.roles)
-            fixed = self._descent_ranks if init == "empty" else {}
-            self.options.ranks = {r.name: list(fixed.get(r.name) or self.ranks_of(r)) for r in roles}
-            for ratio in self.options.width_ratios or ():
-                nested_dims(model_dims(model), ratio)  # whole heads, or an error now (not at step 1000)
-        super().attach(model, layout, init)
-        if not any(h is open_core_cache for h in model._forward_pre_hooks.values()):
-            model.register_forward_pre_hook(open_core_cache)
-            model.register_forward_hook(close_core_cache, always_call=True)
-        return model
-
-    def materialize(self, model: nn.Module) -> nn.Module:
-        model = super().materialize(model)
-        for hooks in (model._forward_pre_hooks, model._forward_hooks):
-            for key in [k for k, h in hooks.items() if h in CORE_CACHE_HOOKS]:
-                del hooks[key]
-        return model
+    def resolve(self, model, layout: Layout, roles: list[Role], init: str) -> dict:
+        """Every role's ranks first (one role's error must not leave half a model), and the
+        nested widths of stochastic scaling checked now (whole heads), not at step 1000.
+        A descent gives the ranks itself (`descent_options`), used as they are."""
+        ranks = self.options.ranks
+        if init == "empty" and hasattr(ranks, "items") and all(r.name in ranks for r in roles):
+            resolved = {r.name: list(ranks[r.name]) for r in roles}
+        else:
+            resolved = {r.name: list(self.ranks_of(r)) for r in roles}
+        for ratio in self.options.width_ratios or ():
+            nested_dims(model_dims(model), ratio)
+        return super().resolve(model, layout, roles, init) | {"ranks": resolved}
 
     def build(self, role: Role, stack: torch.Tensor, init: str):
         L, m, n = stack.shape
@@ -375,28 +357,6 @@ class Tucker(Constraint):
         G, (A, B, C), err = tucker_decompose(stack, (p, q, s))
         log.info("tucker: role %s (L=%d, %dx%d, ranks %s) dense relative error %.2e", role.name, L, m, n, [p, q, s], err)
         return {"G": G.float(), "B": B.float(), "C": C.float()}, {"A": A.float()}
-
-    # -- learngene --------------------------------------------------------------
-    def learngene(self, model: nn.Module):
-        """`learngene/<role>/G`; `scalers/<role>/A` (L, p), `scalers/<role>/B`, `scalers/<role>/C`."""
-        lg = super().learngene(model)
-        tensors = {}
-        for k, v in lg.tensors.items():
-            group, _, rest = k.partition("/")
-            if group == "learngene" and rest.rsplit("/", 1)[-1] in WIDTH_SCALERS:
-                k = f"scalers/{rest}"
-            tensors[k] = v
-        lg.tensors = tensors
-        return lg
-
-    def param_groups(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
-        """{'learngene': G of every role, 'scalers': A per layer and B, C per role, 'free': the rest}."""
-        groups = super().param_groups(model)
-        width = {id(p) for n, p in model.named_parameters()
-                 if n.startswith(BANK + ".") and n.rsplit(".", 1)[-1] in WIDTH_SCALERS}
-        groups["scalers"] = [p for p in groups["learngene"] if id(p) in width] + groups["scalers"]
-        groups["learngene"] = [p for p in groups["learngene"] if id(p) not in width]
-        return groups
 
     def lr_scales(self) -> dict[str, float]:
         return {"learngene": float(self.options.core_lr)}
@@ -416,16 +376,16 @@ class Tucker(Constraint):
                 except LgframeError as e:
                     raise LgframeError(f"tucker cannot descend role {name}: {e}. Widths must keep whole attention heads.") from None
 
-    def prepare_descend(self, learngene, layout: Layout, dims: Dims) -> None:
+    def descent_options(self, learngene, layout: Layout, dims: Dims) -> dict:
         """Ranks of the target: the learngene's, capped by the target's (L', m', n').
         Width-wise stochastic scaling belongs to ancestor pre-training: a
         descendant trains at its own width (width_ratios off)."""
-        self.options.width_ratios = None
-        self._descent_ranks = {}
+        ranks = {}
         for name in learngene.roles:
             p, q, s = learngene.tensors[f"learngene/{name}/G"].shape
             L2, m2, n2 = layout.roles[name].shape
-            self._descent_ranks[name] = [min(p, L2), min(q, m2), min(s, n2)]
+            ranks[name] = [min(p, L2), min(q, m2), min(s, n2)]
+        return {"width_ratios": None, "ranks": ranks}
 
     def descend_role(self, role, src_shape, shared, scalers, current, a: Dims, b: Dims):
         L2, m2, n2 = role.shape
@@ -443,14 +403,6 @@ class Tucker(Constraint):
                 factors[mode], G = Q, mode_product(G, R, mode)
         A2, B2, C2 = factors
         return {"G": G.float(), "B": B2.float(), "C": C2.float()}, {"A": A2.float()}
-
-    def descend(self, learngene, model: nn.Module) -> nn.Module:
-        model = super().descend(learngene, model)
-        if self.options.freeze_learngene:  # the base froze the whole bank; B and C are scalers
-            for n, p in getattr(model, BANK).named_parameters():
-                if n.rsplit(".", 1)[-1] in WIDTH_SCALERS:
-                    p.requires_grad_(True)
-        return model
 
     # -- width-wise stochastic scaling ------------------------------------------
     def step_context(self, model: nn.Module, step: int, seed: int = 0):
@@ -507,7 +459,6 @@ def _nested_model(model: nn.Module, heads: int) -> tuple[nn.Module, Dims]:
     family, cfg = model_identity(model)
     with torch.device("meta"):
         if "width" in cfg:
-            from lgframe.models import model_from_config
 
             cfg = cfg | {"width": heads * dims_of(cfg).head_dim, "heads": heads}
             sub = model_from_config(cfg)

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lgframe.cli import main
-from lgframe.constraint import get_constraint
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.io import load_model, save_model
-from lgframe.learngene import Learngene
-from lgframe.models import create_model, parse_size
-from lgframe.recipes import load_recipe
-from lgframe.run import descend_file, extract_learngene, fit
+from lgframe.formats.learngene import Learngene
+from lgframe.models.files import read_model, save_model
+from lgframe.models.registry import create_model, parse_size
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import descend_file, extract_learngene_file, fit
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +117,14 @@ def test_tensor_shape_mismatch_in_a_model_file(files, tmp_path):
     t["x_embedder.proj.bias"] = torch.zeros(65)
     save_file(t, p, metadata=meta)
     with pytest.raises(LgframeError, match="weights do not fit the model.*size mismatch"):
-        load_model(p)
+        read_model(p)
 
 
 def test_safetensors_without_lgframe_metadata(tmp_path):
     p = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, p)
     with pytest.raises(LgframeError, match="without an lgframe model config"):
-        load_model(p)
+        read_model(p)
 
 
 def test_pickled_checkpoint_with_code_is_refused(tmp_path):
@@ -136,26 +136,26 @@ def test_pickled_checkpoint_with_code_is_refused(tmp_path):
     with open(p, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
     with pytest.raises(LgframeError, match="could not be loaded safely \\(weights_only=True\\)"):
-        load_model(p)
+        read_model(p)
 
 
 def test_checkpoint_not_written_by_lgframe(tmp_path):
     p = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, p)
     with pytest.raises(LgframeError, match="was not written by lgframe"):
-        load_model(p)
+        read_model(p)
 
 
 def test_missing_files():
     with pytest.raises(LgframeError, match="checkpoint 'nope.ckpt' does not exist"):
-        load_model("nope.ckpt")
+        read_model("nope.ckpt")
     with pytest.raises(LgframeError, match="learngene file 'nope.safetensors' does not exist"):
         Learngene.load("nope.safetensors")
 
 
 def test_dense_checkpoint_has_no_learngene_without_a_constraint(files, tmp_path):
     with pytest.raises(LgframeError, match="--constraint svd"):
-        extract_learngene(files / "vitmodel.safetensors", tmp_path / "x.safetensors")
+        extract_learngene_file(files / "vitmodel.safetensors", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -239,7 +239,7 @@ def test_output_directory_not_writable(files, tmp_path, capsys):
 
 
 def test_disk_full_keeps_the_previous_file(files, tmp_path, monkeypatch):
-    import lgframe.io
+    import lgframe.formats.files
 
     st, js = copy_learngene(files, tmp_path)
     before = st.read_bytes()
@@ -247,7 +247,7 @@ def test_disk_full_keeps_the_previous_file(files, tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lgframe.io, "save_file", full)
+    monkeypatch.setattr(lgframe.formats.files, "save_file", full)
     lg = Learngene.load(st)
     with pytest.raises(OSError, match="No space left"):
         lg.save(st)
@@ -273,7 +273,7 @@ def test_sampling_a_vit_is_refused(files, tmp_path, capsys):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import lgframe.io
+    import lgframe.formats.checkpoints
 
     saves = {"n": 0}
     real_save = torch.save
@@ -286,16 +286,16 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
             raise OSError(errno.EIO, "I/O error")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(lgframe.io.torch, "save", failing_save)
+    monkeypatch.setattr(lgframe.formats.checkpoints.torch, "save", failing_save)
     cfg = load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=w", "model.name=DiT-Pico/2", "trainer.max_steps=4",
                                               "trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.progress=false"])
     with pytest.raises(OSError, match="I/O error"):
         fit(cfg)
-    monkeypatch.setattr(lgframe.io.torch, "save", real_save)
+    monkeypatch.setattr(lgframe.formats.checkpoints.torch, "save", real_save)
     ckpt = torch.load(tmp_path / "w/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
     assert not [p for p in (tmp_path / "w/checkpoints").iterdir() if p.name.endswith(".tmp")]
-    model, _ = load_model(tmp_path / "w/checkpoints/last.ckpt")
+    model, _ = read_model(tmp_path / "w/checkpoints/last.ckpt")
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -544,7 +544,7 @@ def test_resume_with_another_model_or_constraint_changes_nothing(override, what,
     before = snapshot(run.run_dir)
     out, name = run.run_dir.parent, run.run_dir.name
     cli_refuses(["pretrain", "dit_digits_pretrain", f"out_dir={out}", f"name={name}", "model.name=DiT-Pico/2",
-                 "trainer.max_steps=4", "resume=auto", override], capsys, what, "config.yaml")
+                 "model.freq_shift=1", "trainer.max_steps=4", "resume=auto", override], capsys, what, "config.yaml")
     assert snapshot(run.run_dir) == before
 
 
@@ -561,7 +561,7 @@ def test_partial_files_of_a_killed_run_are_removed_at_the_next_start(run, tmp_pa
     shutil.copytree(run.run_dir, d)
     (d / "checkpoints/.last.ckpt.x1.tmp").write_bytes(b"half")
     (d / ".config.yaml.x2.tmp").write_bytes(b"half")
-    fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=copy", "model.name=DiT-Pico/2",
+    fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=copy", "model.name=DiT-Pico/2", "model.freq_shift=1",
                                             "trainer.max_steps=3", "trainer.val_every=1", "trainer.progress=false",
                                             "sample.n=0", "resume=auto"]))
     assert not list(d.rglob("*.tmp"))
@@ -592,7 +592,7 @@ def test_nan_never_leaves_a_non_finite_checkpoint(tmp_path):
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    import lgframe.io
+    import lgframe.formats.checkpoints
 
     real, calls = torch.save, []
 
@@ -602,11 +602,11 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
             raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
         return real(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(lgframe.io.torch, "save", full)
+    monkeypatch.setattr(lgframe.formats.checkpoints.torch, "save", full)
     cli_refuses(["pretrain", "dit_digits_pretrain", f"out_dir={tmp_path}", "name=d", "model.name=DiT-Pico/2",
                  "trainer.max_steps=4", "trainer.val_every=2", "trainer.checkpoint_every=2", "trainer.progress=false",
                  "sample.n=0"], capsys, "disk full", "last.ckpt")
-    monkeypatch.setattr(lgframe.io.torch, "save", real)
+    monkeypatch.setattr(lgframe.formats.checkpoints.torch, "save", real)
     assert torch.load(tmp_path / "d/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
@@ -654,10 +654,10 @@ def test_a_model_file_with_a_damaged_record(files, tmp_path):
         damage(m)
         save_file(t, tmp_path / "m.safetensors", metadata={"lgframe": json.dumps(m)})
         with pytest.raises(LgframeError, match=message):
-            load_model(tmp_path / "m.safetensors")
+            read_model(tmp_path / "m.safetensors")
     save_file(t, tmp_path / "m.safetensors", metadata={"lgframe": "{not json"})
     with pytest.raises(LgframeError, match="not valid JSON"):
-        load_model(tmp_path / "m.safetensors")
+        read_model(tmp_path / "m.safetensors")
 
 
 # ----------------------------------------------------------------- latents folders
@@ -682,7 +682,7 @@ def _latents(tmp_path, info_edit=None, shape=(4, 2, 4, 4)):
     (None, (4, 3, 4, 4), "describes \\(N, 2, 4, 4\\) latents"),
 ])
 def test_latents_folders_are_checked(edit, shape, message, tmp_path):
-    from lgframe.latents import load_latents
+    from lgframe.formats.latents import load_latents
 
     d = _latents(tmp_path, edit, shape)
     with pytest.raises(LgframeError, match=message):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lgframe.constraint import TransformConstraint, constraint_class, constraint_names
+from lgframe.core.constraint import TransformConstraint
+from lgframe.core.registry import constraint_class, constraint_names
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -40,6 +41,7 @@ def test_descent_quick(tmp_path):
         assert 0 < r["learngene_bytes"] <= r["file_bytes"]
 
 
+@pytest.mark.slow  # 20 s
 def test_personalize_memory_quick(tmp_path):
     run("personalize_memory.py", tmp_path)
     data = json.loads((tmp_path / "personalize_memory_quick.json").read_text())
@@ -53,6 +55,7 @@ def test_personalize_memory_quick(tmp_path):
     assert (tmp_path / "personalize_memory_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 27 s
 def test_weightspace_quick(tmp_path):
     run("weightspace.py", tmp_path)
     d = json.loads((tmp_path / "weightspace_quick.json").read_text())

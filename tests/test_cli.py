@@ -48,18 +48,19 @@ def test_learngene_descend_train_sample_evaluate(pretrained, tmp_path, capsys):
     png = tmp_path / "s.png"
     assert main(["sample", str(ckpt), "--n", "10", "--steps", "4", "--out", str(png)]) == 0
     assert Image.open(png).size == (10 * 9 + 1, 9 + 1)  # 10 classes per row, 8px + 1px padding
-    assert main(["sample", str(named), "--n", "10", "--steps", "4", "--guidance", "1", "--out", str(png)]) == 0
+    assert main(["sample", str(named), "--n", "10", "--steps", "4", "--guidance", "1", "--out", str(png), "--overwrite"]) == 0
     res = tmp_path / "eval.json"
     assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--out", str(res)]) == 0
     numbers = json.loads(res.read_text())
     assert 0 < numbers["val_loss"] < 2 and numbers["n"] > 300
     assert numbers["fid_digits"] > 0 and 0 <= numbers["class_accuracy"] <= 1 and numbers["uncond_from"] == "own"
     assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--guidance", "3", "--uncond-from", str(named),
-                 "--scheduler", "dpm", "--out", str(res)]) == 0
+                 "--scheduler", "dpm", "--out", str(res), "--overwrite"]) == 0
     swapped = json.loads(res.read_text())
     assert swapped["uncond_from"] == "swapped" and swapped["guidance"] == 3.0
     assert swapped["fid_digits"] != numbers["fid_digits"]
-    assert main(["sample", str(ckpt), "--n", "10", "--steps", "4", "--uncond-from", str(named), "--out", str(png)]) == 0
+    assert main(["sample", str(ckpt), "--n", "10", "--steps", "4", "--uncond-from", str(named), "--out", str(png),
+                 "--overwrite"]) == 0
 
 
 def test_vit_pretrain_and_evaluate(tmp_path):
@@ -115,8 +116,8 @@ def test_help_and_list():
 def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
     import torch
 
-    from lgframe.io import save_model
-    from lgframe.models import create_model
+    from lgframe.models.files import save_model
+    from lgframe.models.registry import create_model
 
     torch.manual_seed(0)
     dense = tmp_path / "dense.safetensors"
@@ -131,7 +132,7 @@ def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
 
 
 def test_demo_takes_any_constraint(tmp_path):
-    from lgframe.demo import run_demo
+    from lgframe.apps.demo import run_demo
 
     run_demo(tmp_path, steps=10, descendant_steps=10, constraint="kronecker",
              overrides=["sample.n=10", "sample.steps=4", "trainer.progress=false"])

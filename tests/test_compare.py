@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from lgframe.cli import main
-from lgframe.constraint import constraint_names
+from lgframe.core.registry import constraint_names
 
 
+@pytest.mark.slow  # 65 s; the compare app is exercised by the init_quality benchmark runs
 def test_compare_quick(tmp_path):
     methods = [n for n in constraint_names() if n != "scratch"]
     rc = main(["compare", "recipes/compare_digits.yaml", f"compare.constraints=[{','.join(methods)}]",

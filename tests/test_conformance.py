@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers import activate
 
-from lgframe.constraint import BANK, TransformConstraint, attached_constraint, constraint_class, constraint_names, get_constraint
+from lgframe.core.constraint import BANK, TransformConstraint, attached_constraint
+from lgframe.core.registry import constraint_class, constraint_names, get_constraint
 from lgframe.errors import LgframeError
-from lgframe.learngene import Learngene
-from lgframe.models import create_model
+from lgframe.formats.learngene import Learngene
+from lgframe.models.registry import create_model
 
 NAMES = constraint_names()
 WITH_LEARNGENE = [n for n in NAMES if n != "scratch"]

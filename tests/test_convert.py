@@ -6,11 +6,11 @@ from diffusers import DiTTransformer2DModel
 from helpers import activate
 
 from lgframe.cli import main
-from lgframe.constraint import constraint_class, constraint_names, get_constraint
-from lgframe.convert import from_diffusers, to_diffusers
+from lgframe.core.registry import constraint_class, constraint_names, get_constraint
 from lgframe.errors import LgframeError
-from lgframe.io import load_model
-from lgframe.models import create_model
+from lgframe.models.convert import from_diffusers, to_diffusers
+from lgframe.models.files import read_model
+from lgframe.models.registry import create_model
 
 
 def diffusers_dit(layers=3, shared_embedder=True, out_channels=2):
@@ -41,7 +41,7 @@ def test_import_matches_diffusers_outputs(tmp_path):
     d = diffusers_dit()
     d.save_pretrained(tmp_path / "dit")
     assert main(["import", "diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "m.safetensors")]) == 0
-    model, _ = load_model(tmp_path / "m.safetensors")
+    model, _ = read_model(tmp_path / "m.safetensors")
     x, t, y = INPUTS
     assert rel(model(x, t, y), d(x, timestep=t, class_labels=y).sample) < 1e-4
 
@@ -49,7 +49,7 @@ def test_import_matches_diffusers_outputs(tmp_path):
 def test_export_any_size_loads_in_diffusers(tmp_path):
     for model in (from_diffusers(diffusers_dit()), activate(create_model("DiT-Pico/2", depth=3, freq_shift=1))):
         get_constraint("svd").attach(model)  # a constrained model: export materializes a copy
-        to_diffusers(model, tmp_path / "out")
+        to_diffusers(model, tmp_path / "out", overwrite=True)
         back = DiTTransformer2DModel.from_pretrained(str(tmp_path / "out"), local_files_only=True)
         x, t, y = INPUTS
         assert rel(back(x, timestep=t, class_labels=y).sample, model(x, t, y)) < 1e-4
@@ -82,8 +82,8 @@ def test_export_needs_the_diffusers_timestep_convention():
 def test_learngene_of_an_imported_dit_descends_and_trains(tmp_path, name):
     """import -> learngene -> a smaller descendant that trains on digits. The imported DiT has
     learned sigma (2 output channels); the descendant predicts the noise and takes its rows."""
-    from lgframe.recipes import load_recipe
-    from lgframe.run import fit
+    from lgframe.training.recipes import load_recipe
+    from lgframe.training.stages import fit
 
     diffusers_dit(layers=4).save_pretrained(tmp_path / "dit")
     assert main(["import", "diffusers", str(tmp_path / "dit"), "--out", str(tmp_path / "m.safetensors")]) == 0
@@ -91,9 +91,9 @@ def test_learngene_of_an_imported_dit_descends_and_trains(tmp_path, name):
     assert main(["learngene", str(tmp_path / "m.safetensors"), "--constraint", name, "--out", str(lg)]) == 0
     # the README's third command: descend to a file of another size
     assert main(["descend", str(lg), "--model", "depth=2", "width=32", "heads=2", "--out", str(tmp_path / "d.safetensors")]) == 0
-    from lgframe.io import load_model
+    from lgframe.models.files import read_model
 
-    child, _ = load_model(tmp_path / "d.safetensors")
+    child, _ = read_model(tmp_path / "d.safetensors")
     assert len(child.blocks) == 2 and child.config.width == 32
     res = fit(load_recipe("dit_digits_descend", [
         f"out_dir={tmp_path}", "name=child", f"constraint={name}", f"init.source={lg}", "model.depth=2",

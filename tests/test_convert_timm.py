@@ -6,11 +6,11 @@ import torch
 from helpers import activate
 
 from lgframe.cli import main
-from lgframe.constraint import get_constraint
-from lgframe.convert import from_timm, to_timm
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.io import load_model
-from lgframe.models import create_model
+from lgframe.models.convert import from_timm, to_timm
+from lgframe.models.files import read_model
+from lgframe.models.registry import create_model
 
 timm = pytest.importorskip("timm")
 
@@ -35,7 +35,7 @@ def test_import_matches_timm_outputs(tmp_path):
     m = timm_vit()
     timm.models.save_for_hf(m, str(tmp_path / "vit"), safe_serialization=True)
     assert main(["import", "timm", str(tmp_path / "vit"), "--out", str(tmp_path / "m.safetensors")]) == 0
-    model, _ = load_model(tmp_path / "m.safetensors")
+    model, _ = read_model(tmp_path / "m.safetensors")
     assert model.config.mlp_act == "gelu" and model.config.depth == 3 and model.config.heads == 3
     assert rel(model.eval()(X), m(X)) < 1e-4
 
@@ -46,7 +46,7 @@ def test_export_any_size_and_constrained_loads_in_timm(tmp_path):
     for model in (from_timm(timm_vit()), native):
         get_constraint("svd").attach(model)  # a constrained model: export materializes a copy
         model.eval()
-        to_timm(model, tmp_path / "out")
+        to_timm(model, tmp_path / "out", overwrite=True)
         back = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
         x = X[:, : model.config.in_channels]
         assert rel(back(x), model(x)) < 1e-4
@@ -57,12 +57,12 @@ def test_export_any_size_and_constrained_loads_in_timm(tmp_path):
 def test_cli_export_round_trip(tmp_path):
     m = timm_vit(depth=2)
     lg = from_timm(m)
-    from lgframe.io import save_model
+    from lgframe.models.files import save_model
 
     save_model(lg, tmp_path / "m.safetensors")
     assert main(["export", "timm", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "exp")]) == 0
     assert main(["import", "timm", str(tmp_path / "exp"), "--out", str(tmp_path / "back.safetensors")]) == 0
-    back, _ = load_model(tmp_path / "back.safetensors")
+    back, _ = read_model(tmp_path / "back.safetensors")
     assert rel(back.eval()(X), m(X)) < 1e-5
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lgframe.data import ImageDataModule, build_datamodule, load_digits_arrays, make_shapes, random_shift
+from lgframe.data.datamodule import ImageDataModule, build_datamodule
+from lgframe.data.datasets import load_digits_arrays, make_shapes, random_shift
 from lgframe.errors import LgframeError
 
 

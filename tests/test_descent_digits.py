@@ -6,8 +6,8 @@ the training-free ones in test_transforms)."""
 import numpy as np
 import pytest
 
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, read_curve
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 SIZES = {"smaller": ["model.depth=3"], "larger": ["model.depth=6", "model.width=96", "model.heads=3"]}

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from lgframe.learngene import Learngene
-from lgframe.recipes import load_recipe
-from lgframe.run import extract_learngene, fit, read_curve
+from lgframe.formats.learngene import Learngene
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import extract_learngene_file, fit, read_curve
 
 # 4 steps of 64 items = one epoch (train_fraction 0.178 of the 1437-item split), so a
 # resume at step 4 starts a fresh epoch at any world size.
@@ -63,7 +63,10 @@ def reference(tmp_path_factory):
 DDP_CONSTRAINTS = ("svd", "scratch", "kronecker", "tucker")
 
 
-@pytest.mark.parametrize("constraint", DDP_CONSTRAINTS)
+# svd and tucker cover the shared bank (one tensor per role, and tucker's batched cores) in the
+# default run; the dense and kronecker cases run with -m slow (about 20 s each).
+@pytest.mark.parametrize("constraint", [pytest.param(c, marks=pytest.mark.slow) if c in ("scratch", "kronecker") else c
+                                        for c in DDP_CONSTRAINTS])
 def test_ddp_two_processes_match_one(reference, constraint):
     out, ref = reference
     cli("pretrain", "vit_digits_pretrain", f"out_dir={out}", f"name=ddp_{constraint}", f"constraint={constraint}",
@@ -93,7 +96,7 @@ def test_fsdp_two_processes_train_save_and_extract(reference):
     curve = read_curve(run, "val/loss")
     assert abs(curve[-1][1] - ref["svd"].curve[-1][1]) < 1e-3
     # learngene gathered at the end of the sharded run == extracted from the sharded checkpoint
-    st, _ = extract_learngene(ckpt, out / "from_dcp.safetensors")
+    st, _ = extract_learngene_file(ckpt, out / "from_dcp.safetensors")
     a, b = Learngene.load(run / "learngene.safetensors"), Learngene.load(st)
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
@@ -103,7 +106,7 @@ def test_fsdp_two_processes_train_save_and_extract(reference):
     # the allow-list reader opens the real sharded checkpoint, and it holds what the consolidated file holds
     from safetensors.torch import load_file
 
-    from lgframe.io import load_distributed_checkpoint
+    from lgframe.formats.checkpoints import load_distributed_checkpoint
 
     shards = load_distributed_checkpoint(ckpt)["state_dict"]
     consolidated = load_file(run / "model.safetensors")
@@ -111,6 +114,7 @@ def test_fsdp_two_processes_train_save_and_extract(reference):
     assert all(torch.equal(shards["model." + k], v) for k, v in consolidated.items())
 
 
+@pytest.mark.slow  # 50 s: four multi-process runs
 def test_resume_across_world_sizes(reference):
     out, _ = reference
     straight = one_process(out, "straight", "svd", 8)
@@ -138,14 +142,14 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
 
 
 def test_dit_xl_fsdp_recipe_builds_on_the_meta_device():
-    from lgframe.models import model_from_config
-    from lgframe.run import make_strategy, recipe_model_config
+    from lgframe.models.registry import model_from_config
+    from lgframe.training.stages import make_strategy, recipe_model_config
 
     cfg = load_recipe("dit_xl_pretrain_fsdp")
     assert cfg.trainer.strategy == "fsdp" and cfg.trainer.precision == "bf16-mixed"
     mc = recipe_model_config(cfg, check_data=False)
     assert (mc["depth"], mc["width"], mc["heads"], mc["image_size"], mc["in_channels"]) == (28, 1152, 16, 32, 4)
-    from lgframe.constraint import get_constraint
+    from lgframe.core.registry import get_constraint
 
     with torch.device("meta"):
         model = model_from_config(mc)
@@ -210,7 +214,7 @@ def test_sharded_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
     ckpt = tmp_path / "k/checkpoints/last.ckpt"
     assert (tmp_path / "k/checkpoints/.last.ckpt.partial").is_dir()  # the unfinished second checkpoint
     assert torch.load(ckpt / "meta.pt", weights_only=True)["global_step"] == 2
-    st, _ = extract_learngene(ckpt, tmp_path / "lg.safetensors")  # the first checkpoint loads whole
+    st, _ = extract_learngene_file(ckpt, tmp_path / "lg.safetensors")  # the first checkpoint loads whole
     assert Learngene.load(st).constraint == "svd"
     cli(*common, "trainer.max_steps=6", "resume=auto", cwd=tmp_path)
     assert not (tmp_path / "k/checkpoints/.last.ckpt.partial").exists()
@@ -219,7 +223,7 @@ def test_sharded_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
 
 
 def test_recover_checkpoints_finishes_or_discards_what_a_kill_left(tmp_path):
-    from lgframe.distributed import COMPLETE, recover_checkpoints
+    from lgframe.training.distributed import COMPLETE, recover_checkpoints
 
     d = tmp_path / "checkpoints"
     (d / ".last.ckpt.partial").mkdir(parents=True)  # killed between the two renames: complete, target gone

@@ -7,9 +7,9 @@ import torch
 from helpers import activate
 
 from lgframe.errors import LgframeError
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe, to_plain
-from lgframe.tasks import make_task
+from lgframe.models.registry import create_model
+from lgframe.training.recipes import load_recipe, to_plain
+from lgframe.training.tasks import make_task
 
 
 def activated(name="DiT-Pico/2", seed=0, **size):

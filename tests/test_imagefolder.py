@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 from lgframe.cli import main
-from lgframe.data import DataError, ImageDataModule, load_image_folder
+from lgframe.data.datamodule import ImageDataModule
+from lgframe.data.datasets import DataError, load_image_folder
 from lgframe.errors import LgframeError
-from lgframe.latents import load_latents
-from lgframe.recipes import load_recipe
-from lgframe.run import fit
+from lgframe.formats.latents import load_latents
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit
 
 QUIET = ["trainer.progress=false", "ema.enabled=false", "constraint=scratch"]
 

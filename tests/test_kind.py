@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from helpers import activate
 
 from lgframe.cli import main
-from lgframe.constraint import BANK, attached_constraint, constraint_class, get_constraint
+from lgframe.core.constraint import BANK, attached_constraint
+from lgframe.core.registry import constraint_class, get_constraint
 from lgframe.errors import LgframeError
-from lgframe.io import load_model, save_model
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe
+from lgframe.models.files import read_model, save_model
+from lgframe.models.registry import create_model
 from lgframe.strategies.kind import decompose
+from lgframe.training.recipes import load_recipe
 
 NULL = 10  # DiT-Pico/2 on digits: 10 classes, label 10 = the null class
 
@@ -96,7 +97,7 @@ def test_decompose_keeps_the_named_classes_exactly_and_is_smaller(tmp_path):
     print(f"parameters: full {full}, classes 0,3,7 {kept} ({kept / full:.1%}), learngene only {lg} ({lg / full:.1%})")
     # the decomposed model is a plain lgframe model file: saved, loaded, same outputs
     save_model(small, tmp_path / "small.safetensors")
-    back, meta = load_model(tmp_path / "small.safetensors")
+    back, meta = read_model(tmp_path / "small.safetensors")
     assert meta["constraint"]["options"]["classes"] == [0, 3, 7]
     assert torch.allclose(back(x, t, y), small(x, t, y), atol=1e-6)
     with pytest.raises(LgframeError, match=r"class\(es\) \[4\] own no tailors in this model; its classes with tailors: \[0, 3, 7\]"):
@@ -176,7 +177,7 @@ def test_cli_decompose(tmp_path, capsys):
     save_model(model, tmp_path / "anc.safetensors")
     assert main(["decompose", str(tmp_path / "anc.safetensors"), "--classes", "0,3,7", "--out", str(tmp_path / "s.safetensors")]) == 0
     assert "tailors of classes 0, 3, 7" in capsys.readouterr().out
-    small, _ = load_model(tmp_path / "s.safetensors")
+    small, _ = read_model(tmp_path / "s.safetensors")
     x, t, y = inputs([3, 7])
     assert torch.allclose(small(x, t, y), model(x, t, y), atol=1e-6)
     assert main(["decompose", str(tmp_path / "anc.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 1

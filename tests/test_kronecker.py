@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from helpers import activate
 
-from lgframe.constraint import BANK, ConstrainedLinear, attached_constraint, constraint_class, get_constraint
+from lgframe.core.constraint import BANK, ConstrainedLinear, attached_constraint
+from lgframe.core.layout import Layout, model_dims, select_width
+from lgframe.core.registry import constraint_class, get_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Layout, model_dims, select_width
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe
+from lgframe.models.registry import create_model
 from lgframe.strategies.kronecker import factored_linear, kron_weight, use_factored
+from lgframe.training.recipes import load_recipe
 
 
 @pytest.fixture(autouse=True)

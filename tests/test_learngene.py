@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lgframe.constraint import get_constraint
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.learngene import Learngene
-from lgframe.models import create_model
+from lgframe.formats.learngene import Learngene
+from lgframe.models.registry import create_model
 
 
 @pytest.fixture

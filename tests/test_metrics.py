@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lgframe.data import ImageDataModule
+from lgframe.data.datamodule import ImageDataModule
 from lgframe.errors import LgframeError
-from lgframe.metrics import class_accuracy, digits_classifier, digits_fid, inception_fid
+from lgframe.training.metrics import class_accuracy, digits_classifier, digits_fid, inception_fid
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     counted and returns the first model's weights)."""
     import copy
 
-    from lgframe import metrics
+    from lgframe.training import metrics
 
     # The rebuild is deterministic (checked on a short training; the full one is 600 steps).
     a, b = metrics._train_classifier(steps=20), metrics._train_classifier(steps=20)
@@ -64,7 +64,7 @@ def test_classifier_trains_inside_no_grad():
     a no_grad evaluation: the training steps must still change the weights."""
     import torch
 
-    from lgframe import metrics
+    from lgframe.training import metrics
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from lgframe.core.layout import Dims, Layout, resample_depth, select_width, width_index
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, resample_depth, select_width, width_index
-from lgframe.models import create_model, parse_size, resolve_config
+from lgframe.models.registry import create_model, parse_size, resolve_config
 
 
 def test_dit_forward_and_adaln_zero_init():

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lgframe.errors import LgframeError
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe, to_plain
-from lgframe.run import fit
-from lgframe.tasks import make_task
+from lgframe.models.registry import create_model
+from lgframe.training.recipes import load_recipe, to_plain
+from lgframe.training.stages import fit
+from lgframe.training.tasks import make_task
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 

@@ -16,8 +16,8 @@ def test_plain_wheel_install_imports_strategies_and_recipes(tmp_path):
     wheel = next(wheels.glob("lgframe-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    code = "import lgframe, lgframe.strategies.svd as s; from lgframe.recipes import shipped_recipes; " \
-           "from lgframe.constraint import constraint_names; print(lgframe.__file__); print(len(shipped_recipes())); print(constraint_names())"
+    code = "import lgframe, lgframe.strategies.svd as s; from lgframe.training.recipes import shipped_recipes; " \
+           "from lgframe.core.registry import constraint_names; print(lgframe.__file__); print(len(shipped_recipes())); print(constraint_names())"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
                        capture_output=True, text=True, check=True)
     where, n_recipes, names = r.stdout.splitlines()
@@ -29,13 +29,13 @@ def test_entry_point_plugin_registers(tmp_path):
     pkg = tmp_path / "myplugin.py"
     pkg.write_text(textwrap.dedent('''
         import torch
-        from lgframe.constraint import Bank, Constraint
+        from lgframe.core.constraint import Bank, FactorizedConstraint
 
         class ScaledBank(Bank):
             def weight(self, mod):
                 return self.of(mod)["W"] * mod.alpha
 
-        class Scaled(Constraint):
+        class Scaled(FactorizedConstraint):
             """W^l = alpha^l * W."""
             name = "scaled"
             bank_class = ScaledBank
@@ -45,7 +45,7 @@ def test_entry_point_plugin_registers(tmp_path):
                 return {"W": stack.mean(0)}, {"alpha": torch.ones(stack.shape[0], 1)}
 
             def descend_role(self, role, src_shape, shared, scalers, current, a, b):
-                from lgframe.layout import resample_depth, select_width
+                from lgframe.core.layout import resample_depth, select_width
                 return ({"W": select_width(shared["W"], current["W"], a, b, role.name)},
                         {"alpha": resample_depth(scalers["alpha"], role.shape[0])})
     '''))
@@ -55,8 +55,8 @@ def test_entry_point_plugin_registers(tmp_path):
     (dist / "entry_points.txt").write_text("[lgframe.constraints]\nscaled = myplugin:Scaled\n")
     code = textwrap.dedent('''
         import torch
-        from lgframe.constraint import constraint_names, get_constraint
-        from lgframe.models import create_model
+        from lgframe.core.registry import constraint_names, get_constraint
+        from lgframe.models.registry import create_model
         assert "scaled" in constraint_names(), constraint_names()
         m = create_model("DiT-Pico/2")
         c = get_constraint("scaled")

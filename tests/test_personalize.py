@@ -7,12 +7,26 @@ import torch
 import torch.nn.functional as F
 from helpers import activate
 
+from lgframe.apps.personalize import (
+    PersonalizeTask,
+    add_lora,
+    at_image_size,
+    block_ranges,
+    crop_side,
+    dit_forward,
+    load_personalized,
+    lora_layers,
+    patch_batch,
+    run_personalize,
+    save_lora,
+    step_memory,
+    subject_images,
+    with_subject_class,
+)
 from lgframe.errors import LgframeError
-from lgframe.io import save_model
-from lgframe.models import create_model
-from lgframe.personalize import (PersonalizeTask, add_lora, at_image_size, block_ranges, crop_side, dit_forward, load_personalized,
-                                 lora_layers, patch_batch, run_personalize, save_lora, step_memory, subject_images, with_subject_class)
-from lgframe.recipes import load_recipe
+from lgframe.models.files import save_model
+from lgframe.models.registry import create_model
+from lgframe.training.recipes import load_recipe
 
 T = 1000
 
@@ -131,8 +145,8 @@ def test_crop_side_follows_the_schedule_and_crops_are_resized_to_s_min():
     windows = x[0, 0].unfold(0, 8, 1).unfold(1, 8, 1).reshape(-1, 8, 8)  # t = 0: an 8x8 window at native resolution
     assert (windows - out[0, 0]).flatten(1).abs().max(1).values.min() == 0
     # crops keep their full-resolution positions: a native 8x8 crop at (4, 6) has the 8x8 grid's rows 2..5 x 3..6
-    from lgframe.dit import sincos_pos_embed
-    from lgframe.personalize import crop_positions
+    from lgframe.apps.personalize import crop_positions
+    from lgframe.models.dit import sincos_pos_embed
 
     full = sincos_pos_embed(64, 8).view(8, 8, 64)
     assert torch.allclose(crop_positions(64, 2, 8, [(4, 6, 8)])[0], full[2:6, 3:7].reshape(16, 64), atol=1e-6)
@@ -143,7 +157,7 @@ def test_crop_side_follows_the_schedule_and_crops_are_resized_to_s_min():
 
 
 def sincos_at_ref(dim, y, x):
-    from lgframe.personalize import sincos_at
+    from lgframe.apps.personalize import sincos_at
 
     return sincos_at(dim, torch.tensor([y]), torch.tensor([x]))[0]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lgframe.errors import LgframeError
-from lgframe.recipes import load_recipe, to_plain
-from lgframe.tasks import DiffusionTask
+from lgframe.training.recipes import load_recipe, to_plain
+from lgframe.training.tasks import DiffusionTask
 
 C = 3.0  # the data: every pixel is 3, outside the image range [-1, 1]
 

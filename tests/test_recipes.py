@@ -3,7 +3,7 @@
 import pytest
 
 from lgframe.errors import LgframeError
-from lgframe.recipes import load_recipe, shipped_recipes
+from lgframe.training.recipes import load_recipe, shipped_recipes
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.name)

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, read_curve
 
 # 11 steps of 128 = one digits epoch; checkpoints and validations at epoch ends.
 RUN = ["model.name=DiT-Pico/2", "trainer.val_every=11", "trainer.checkpoint_every=11", "trainer.progress=false",

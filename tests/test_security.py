@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from lgframe.cli import main
-from lgframe.io import save_model
-from lgframe.models import create_model
+from lgframe.models.files import save_model
+from lgframe.models.registry import create_model
 
 
 class Payload:
@@ -189,7 +189,7 @@ def test_the_allow_list_reads_real_distributed_checkpoints(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from lgframe.io import load_distributed_checkpoint
+    from lgframe.formats.checkpoints import load_distributed_checkpoint
 
     state = {"state_dict": {"model.a": torch.randn(3, 4), "model.b": torch.arange(5), "model.c": torch.ones(2).bfloat16()},
              "optimizer_0": {"state": {"a": {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": ["a"]}]}}
@@ -204,7 +204,7 @@ def test_the_allow_list_reads_real_distributed_checkpoints(tmp_path):
 
 def _crafted_byte_item(folder: Path, marker: Path) -> None:
     """Point one byte item of a real checkpoint folder at a payload appended to its data file."""
-    from lgframe.io import read_dcp_metadata
+    from lgframe.formats.checkpoints import read_dcp_metadata
 
     md = read_dcp_metadata(folder)
     buf = io.BytesIO()

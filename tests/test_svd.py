@@ -4,10 +4,11 @@ import pytest
 import torch
 from helpers import activate
 
-from lgframe.constraint import BANK, get_constraint
+from lgframe.core.constraint import BANK
+from lgframe.core.layout import Layout
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Layout
-from lgframe.models import create_model
+from lgframe.models.registry import create_model
 from lgframe.strategies.svd import random_orthonormal
 
 
@@ -29,7 +30,7 @@ def fine_form(model, seed=0):
             L, m, n = role.shape
             r = min(m, n)
             U, V = random_orthonormal(m, r), random_orthonormal(n, r)
-            for layer, mod in enumerate(lay.role_modules(model, role)):
+            for _layer, mod in enumerate(lay.role_modules(model, role)):
                 sigma = torch.rand(r, generator=g) + 0.1
                 mod.weight.copy_((U * sigma) @ V.T * 0.1)
     return model

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, read_curve
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 
@@ -35,9 +35,9 @@ def test_stochastic_width_scaling_helps_an_untrained_width(tmp_path):
 def test_the_sweet_recipe_samples_valid_ratios():
     cfg = load_recipe("dit_digits_pretrain_sweet")
     assert list(cfg.constraint.width_ratios) == [0.5, 0.75, 1.0]
-    from lgframe.models import create_model
-    from lgframe.constraint import get_constraint
+    from lgframe.core.registry import get_constraint
     from lgframe.errors import LgframeError
+    from lgframe.models.registry import create_model
 
     get_constraint(cfg.constraint).attach(create_model("DiT-Nano/2"))  # 4 heads: 2, 3, 4 heads nested
     with pytest.raises(LgframeError, match="valid ratios for this model"):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from lgframe.errors import LgframeError
-from lgframe.io import load_checkpoint, save_model
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.formats.checkpoints import load_checkpoint
+from lgframe.models.files import save_model
+from lgframe.models.registry import create_model
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, read_curve
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "ema.enabled=false", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 
@@ -37,7 +38,7 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
     same steps without a teacher do not."""
     from helpers import activate
 
-    from lgframe.io import load_model
+    from lgframe.models.files import read_model
 
     torch.manual_seed(0)
     path = tmp_path / "odd_teacher.safetensors"
@@ -45,7 +46,7 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
     common = [f"out_dir={tmp_path}", "model.name=DiT-Pico/2", "trainer.max_steps=40", "trainer.val_every=40", "seed=1", *QUIET]
     with_t = fit(load_recipe("dit_digits_wave", common + ["name=with", f"teacher={path}", "distill.task_weight=0"]))
     without = fit(load_recipe("dit_digits_wave", common + ["name=without"]))
-    teacher = load_model(path)[0].eval()
+    teacher = read_model(path)[0].eval()
     g = torch.Generator().manual_seed(0)
     x, t, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 1000, (64,), generator=g), torch.randint(0, 10, (64,), generator=g)
     ref = teacher(x, t, y)

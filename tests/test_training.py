@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lgframe.constraint import BANK
-from lgframe.recipes import load_recipe
-from lgframe.run import fit, read_curve
+from lgframe.core.constraint import BANK
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import fit, read_curve
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 
@@ -40,7 +40,7 @@ def test_descendant_first_epoch_beats_scratch(ancestor, size):
     assert child.initial_loss < scratch.initial_loss - 0.1
     assert first_epoch_train_loss(child) < first_epoch_train_loss(scratch) - 0.05
     # phase 1 (unfreeze_at=300 in the recipe): the learngene is unchanged
-    from lgframe.learngene import Learngene
+    from lgframe.formats.learngene import Learngene
 
     U0 = Learngene.load(res.learngene).tensors["learngene/attn.proj.weight/U"]
     U1 = getattr(child.task.model, BANK).factors["attn__proj"]["U"].detach()
@@ -54,7 +54,7 @@ def test_phase_two_unfreezes_the_learngene(ancestor, tmp_path):
                                              "model.name=DiT-Pico/2", "trainer.max_steps=6", "trainer.val_every=6",
                                              "init.unfreeze_at=3", "ema.enabled=false", *QUIET])
     child = fit(cfg)
-    from lgframe.learngene import Learngene
+    from lgframe.formats.learngene import Learngene
 
     U0 = Learngene.load(res.learngene).tensors["learngene/attn.proj.weight/U"]
     U1 = getattr(child.task.model, BANK).factors["attn__proj"]["U"].detach()
@@ -72,7 +72,7 @@ def test_vit_accuracy_rises(tmp_path):
 
 def nan_at(monkeypatch, steps):
     """Make the DiT return NaN on the given training forward calls."""
-    from lgframe.dit import DiT
+    from lgframe.models.dit import DiT
 
     calls = {"n": 0}
     forward = DiT.forward

@@ -4,20 +4,19 @@ Exactness and statistics on synthetic weights; then, on digits, descendants of
 a trained dense ancestor (smaller and larger, DiT and ViT) against scratch.
 """
 
-import math
 
 import numpy as np
 import pytest
 import torch
 from helpers import activate
 
-from lgframe.constraint import get_constraint
+from lgframe.core.layout import Layout
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Layout
-from lgframe.models import create_model
-from lgframe.recipes import load_recipe
-from lgframe.run import extract_learngene, fit, read_curve
+from lgframe.models.registry import create_model
 from lgframe.strategies.select import selection_index
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import extract_learngene_file, fit, read_curve
 
 QUIET = ["trainer.progress=false", "trainer.log_every=1", "sample.n=0"]  # no end-of-run sample grid (about 9 s per fit)
 FC1 = "mlp.fc1.weight"
@@ -196,8 +195,8 @@ def ancestor_learngenes(out, pretrain, model, steps):
     res = fit(load_recipe(pretrain, [f"out_dir={out}", "name=anc", f"model.name={model}", f"trainer.max_steps={steps}",
                                      f"trainer.val_every={steps}", "ema.enabled=false", "constraint=dct", *QUIET]))
     ckpt = res.run_dir / "checkpoints" / "last.ckpt"
-    lgs = {c: extract_learngene(ckpt, out / f"{c}.safetensors", constraint=c)[0] for c in ("dct", "dwt")}
-    lgs["dct-high"] = extract_learngene(ckpt, out / "high.safetensors", constraint={"name": "dct", "band": "high"})[0]
+    lgs = {c: extract_learngene_file(ckpt, out / f"{c}.safetensors", constraint=c)[0] for c in ("dct", "dwt")}
+    lgs["dct-high"] = extract_learngene_file(ckpt, out / "high.safetensors", constraint={"name": "dct", "band": "high"})[0]
     return lgs
 
 
@@ -255,7 +254,7 @@ def test_vit_descendant_beats_scratch(vit_runs, method, size):
 def test_spectral_refinement_moves_energy_into_the_block(tmp_path):
     """recipes/dit_digits_refine_dct.yaml on a dense checkpoint: the
     regularizer (energy outside the kept block) falls during the phase."""
-    from lgframe.io import save_model
+    from lgframe.models.files import save_model
 
     torch.manual_seed(0)
     dense = tmp_path / "dense.safetensors"

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from helpers import activate
 
-from lgframe.constraint import BANK, constraint_class, get_constraint
+from lgframe.core.constraint import BANK, attached_constraint
+from lgframe.core.layout import Layout, model_dims, select_width
+from lgframe.core.registry import constraint_class, get_constraint
 from lgframe.errors import LgframeError
-from lgframe.layout import Layout, model_dims, select_width
-from lgframe.models import create_model
+from lgframe.models.registry import create_model
 from lgframe.strategies.tucker import nested_rows, nested_width, sample_width_ratio, tucker_decompose
 
 
@@ -60,7 +61,7 @@ def test_full_rank_dense_round_trip(caplog):
     with caplog.at_level(logging.INFO, logger="lgframe"):
         c.attach(model, init="dense")
     assert "attn.qkv.weight (L=4, 192x64, ranks [4, 192, 64]) dense relative error" in caplog.text
-    assert c.options.ranks["mlp.fc2.weight"] == [4, 64, 256]
+    assert attached_constraint(model).options["ranks"]["mlp.fc2.weight"] == [4, 64, 256]  # resolved on the model
     assert rel(model(x, t, y), ref) < 1e-4
     c.materialize(model)
     for name, W in dense.items():
@@ -78,9 +79,10 @@ def test_reduced_ranks_error_falls_with_rank():
     model = create_model("DiT-Pico/2")
     c = get_constraint({"name": "tucker", "ranks": {"attn.qkv.weight": [1.0, 0.5, 0.5], "mlp.fc1.weight": [1, "full", 1.0]}})
     c.attach(model, init="dense")
-    assert c.options.ranks["attn.qkv.weight"] == [4, 96, 32]
-    assert c.options.ranks["mlp.fc1.weight"] == [1, 64, 64]  # q <= p * s
-    assert c.options.ranks["attn.proj.weight"] == [4, 64, 64]  # default "layer"
+    ranks = attached_constraint(model).options["ranks"]  # resolved on the model; the options stay as given
+    assert ranks["attn.qkv.weight"] == [4, 96, 32]
+    assert ranks["mlp.fc1.weight"] == [1, 64, 64]  # q <= p * s
+    assert ranks["attn.proj.weight"] == [4, 64, 64]  # default "layer"
     assert tuple(getattr(model, BANK).factors["attn__qkv"]["G"].shape) == (4, 96, 32)
 
 
@@ -243,8 +245,8 @@ def test_param_groups_and_learngene_file_groups(tmp_path):
 
 
 def test_cores_train_at_core_lr_times_the_rate():
-    from lgframe.recipes import load_recipe, to_plain
-    from lgframe.tasks import ClassificationTask
+    from lgframe.training.recipes import load_recipe, to_plain
+    from lgframe.training.tasks import ClassificationTask
 
     def lrs(*over):
         r = to_plain(load_recipe("vit_digits_pretrain", ["model.name=ViT-Pico/2", *over]))
@@ -265,8 +267,8 @@ def test_cores_train_at_core_lr_times_the_rate():
 def test_vit_ancestor_leaves_the_plateau_with_the_core_rate(tmp_path):
     """Measured: validation accuracy after 200 steps (ViT recipe, lr 3e-3)
     0.15 with core_lr 1 (the cores at the full rate), 0.50 with the default 0.1."""
-    from lgframe.recipes import load_recipe
-    from lgframe.run import fit
+    from lgframe.training.recipes import load_recipe
+    from lgframe.training.stages import fit
 
     acc = {}
     for core_lr in (1.0, 0.1):

@@ -4,10 +4,22 @@ reach a PSNR, the dataset round-trips, generated weights render, the CLI runs.""
 import pytest
 import torch
 
+from lgframe.apps.weightspace import (
+    Adapter,
+    Base,
+    WeightDataset,
+    WeightspaceCfg,
+    field_images,
+    fit_base,
+    fit_items,
+    from_token_grid,
+    load_cfg,
+    render_vectors,
+    row_mask,
+    token_grid,
+)
 from lgframe.cli import main
 from lgframe.errors import LgframeError
-from lgframe.weightspace import (Adapter, Base, WeightDataset, WeightspaceCfg, field_images, fit_base, fit_items,
-                                 from_token_grid, load_cfg, render_vectors, row_mask, token_grid)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +92,7 @@ def test_dataset_round_trips_and_tokens_render(digits64, tmp_path):
         assert torch.allclose(z.flatten(1)[:, :7].std(0), torch.ones(7), atol=1e-4)  # whitened
     with pytest.raises(LgframeError, match="not a weight dataset"):
         torch.save({}, tmp_path / "x.pt")
-        from lgframe.io import save_tensors
+        from lgframe.formats.files import save_tensors
 
         save_tensors(tmp_path / "bad.safetensors", {"a": torch.zeros(1)}, {"format": "other"})
         WeightDataset.load(tmp_path / "bad.safetensors")
@@ -102,7 +114,7 @@ def test_cli_fit_train_sample(tmp_path):
     ds = WeightDataset.load(ws)
     assert ds.weights.shape == (32, 780) and ds.cfg.repr == "mlora" and ds.cfg.mask
     assert main(["weightspace", "train", str(ws), "dit_steps=5", "dit_batch=16", "--out", str(gen)]) == 0
-    from lgframe.weightspace import load_generator
+    from lgframe.apps.weightspace import load_generator
 
     task, stats, path = load_generator(gen)
     assert stats["kind"] == "pca" and stats["components"] == 31 and stats["V"].shape == (780, 31)
@@ -120,7 +132,7 @@ def test_generated_weights_render_to_digits_of_their_class():
     tokens (which knows each class's mean and spread) and their class accuracy is
     far above chance. Measured (benchmarks/weightspace.py, the same settings):
     FID 72 and class accuracy 0.93, against 154 and 0.57 for the Gaussian."""
-    from lgframe.weightspace import class_gaussian, fit_dataset, sample_weights, score_digits, train_generator
+    from lgframe.apps.weightspace import class_gaussian, fit_dataset, sample_weights, score_digits, train_generator
 
     c = WeightspaceCfg(n=1000, dit_steps=1500)
     ds = fit_dataset(c, progress=False)

@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from lgframe.data.datamodule import ImageDataModule
+from lgframe.data.datasets import random_shift
 from lgframe.errors import LgframeError
-from lgframe.io import save_tensors, write_json
+from lgframe.formats.files import save_tensors, write_json
 
 CLASSIFIER_VERSION = 1
 
@@ -58,7 +61,6 @@ class DigitsClassifier(nn.Module):
 
 
 def _train_classifier(steps: int = 600) -> DigitsClassifier:
-    from lgframe.data import ImageDataModule, random_shift
 
     dm = ImageDataModule("digits", seed=0)
     dm.setup()
@@ -84,7 +86,6 @@ def _sha(path: Path) -> str:
 
 def digits_classifier() -> DigitsClassifier:
     """The cached classifier; trained and cached on first use or when the cache is bad."""
-    from safetensors.torch import load_file
 
     path = cache_dir() / f"digits_classifier_v{CLASSIFIER_VERSION}.safetensors"
     sidecar = path.with_suffix(".json")

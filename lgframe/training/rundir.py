@@ -80,7 +80,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.held = False
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if os.environ.get(LOCK_ENV) or _independent_rank() != 0:
             return self  # a child of the holder (DDP launcher), or a rank other than 0
         self.path.parent.mkdir(parents=True, exist_ok=True)

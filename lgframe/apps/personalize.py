@@ -41,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +49,21 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
-from lgframe.dit import DiT, sincos_pos_embed
+from lgframe.core.constraint import attached_constraint
+from lgframe.core.registry import get_constraint
+from lgframe.data.datasets import SHAPE_NAMES, make_shapes
 from lgframe.errors import LgframeError
-from lgframe.io import atomic_path, load_model, read_safetensors, save_tensors, write_text
-from lgframe.models import model_from_config
-from lgframe.tasks import DiffusionTask
+from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_text
+from lgframe.models.dit import DiT, sincos_pos_embed
+from lgframe.models.files import read_model
+from lgframe.models.registry import model_from_config
+from lgframe.training.stages import plot_curves, read_curve, unique_dir
+from lgframe.training.tasks import DiffusionTask
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_FORMAT = "lgframe-lora/1"
@@ -234,7 +242,6 @@ def subject_images(spec: str, n: int, size: int, channels: int, seed: int = 0) -
     """(n, channels, size, size) in [-1, 1]: `shapes:K` (generated shapes of class K,
     the embedded demo subject) or a folder of image files."""
     if spec.startswith("shapes:"):
-        from lgframe.data import SHAPE_NAMES, make_shapes
 
         try:
             k = int(spec.split(":", 1)[1])
@@ -250,7 +257,6 @@ def subject_images(spec: str, n: int, size: int, channels: int, seed: int = 0) -
     folder = Path(spec)
     if not folder.is_dir():
         raise LgframeError(f"subject {spec!r}: not a folder of images and not shapes:K")
-    from PIL import Image
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     imgs, bad = [], 0
@@ -266,9 +272,8 @@ def subject_images(spec: str, n: int, size: int, channels: int, seed: int = 0) -
         except OSError:
             bad += 1
     if bad:
-        import warnings
 
-        warnings.warn(f"subject folder {folder}: skipped {bad} unreadable image file(s)")
+        warnings.warn(f"subject folder {folder}: skipped {bad} unreadable image file(s)", stacklevel=2)
     if len(imgs) < n:
         raise LgframeError(f"subject folder {folder}: {len(imgs)} readable images ({', '.join(IMAGE_SUFFIXES)}), {n} needed")
     return torch.stack(imgs[:n])
@@ -383,7 +388,7 @@ def load_personalized(base: str | os.PathLike | DiT, lora: str | os.PathLike, im
     if "lgframe_lora" not in raw:
         raise LgframeError(f"'{lora}' is not an lgframe LoRA file (no 'lgframe_lora' metadata)")
     meta = json.loads(raw["lgframe_lora"])
-    model = load_model(base)[0] if not isinstance(base, nn.Module) else base
+    model = read_model(base)[0] if not isinstance(base, nn.Module) else base
     model = plain_dit(model)
     if model.config.to_dict() != meta["base_config"]:
         raise LgframeError(f"LoRA file '{lora}' was trained on another base model: {meta['base_config']} vs {model.config.to_dict()}")
@@ -401,7 +406,6 @@ def load_personalized(base: str | os.PathLike | DiT, lora: str | os.PathLike, im
 
 def plain_dit(model: nn.Module) -> DiT:
     """A dense DiT: a constrained base is materialized (its dense weights are what LoRA adapts)."""
-    from lgframe.constraint import attached_constraint, get_constraint
 
     spec = attached_constraint(model)
     if spec is not None:
@@ -463,16 +467,14 @@ def step_memory(task: PersonalizeTask, x0: torch.Tensor) -> dict:
 
 def run_personalize(cfg) -> PersonalizeResult:
     """`lgframe personalize RECIPE`: LoRA on the subject, samples, report."""
-    from omegaconf import OmegaConf
 
-    from lgframe.run import plot_curves, read_curve, unique_dir
 
     recipe = OmegaConf.to_container(cfg, resolve=True)
     p = recipe["personalize"]
     if not p["base"]:
         raise LgframeError("personalize.base is required: a pretrained DiT model file or checkpoint (e.g. a run's last.ckpt)")
     pl.seed_everything(recipe["seed"], workers=True, verbose=False)
-    base = plain_dit(load_model(p["base"])[0])
+    base = plain_dit(read_model(p["base"])[0])
     base_config = base.config.to_dict()
     s_min = p["s_min"] or base.config.image_size
     model, subject = with_subject_class(at_image_size(base, s_min))

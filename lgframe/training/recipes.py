@@ -14,12 +14,15 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lgframe.core.registry import get_constraint
+from lgframe.data.datasets import CROPS, DATA_NAMES
 from lgframe.errors import LgframeError
+from lgframe.models.registry import FAMILIES, resolve_config
 
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # symlink to the repository's recipes/
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # lgframe/recipes: a link to the repository's recipes/ (a copy in a wheel)
 TASKS = ("diffusion", "classification")
 
 
@@ -241,12 +244,56 @@ def shipped_recipes() -> list[Path]:
     return sorted(RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema defaults <- YAML file <- dotlist overrides, validated; returns a DictConfig."""
+def _dotlist(overrides) -> list[str]:
+    """`key=value` strings, or a mapping (nested or with dotted keys) turned into them."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, (str, bytes)):
+        raise LgframeError(f"overrides must be a list of key=value strings or a mapping, not the string {overrides!r}")
+    if hasattr(overrides, "items"):
+        flat: list[str] = []
+
+        def walk(prefix, node):
+            for k, v in node.items():
+                key = f"{prefix}{k}"
+                if hasattr(v, "items") and key != "constraint":
+                    walk(key + ".", v)
+                else:
+                    value = OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+                    flat.append(f"{key}={_yaml_value(value)}")
+
+        walk("", overrides)
+        return flat
+    return list(overrides)
+
+
+def _yaml_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, (dict, list)):
+        import json
+
+        return json.dumps(v)  # JSON is YAML: OmegaConf parses it back to the same structure
+    return str(v)
+
+
+def load_recipe(path: str | Path | dict | Recipe | DictConfig | None = None, overrides=None) -> DictConfig:
+    """Schema defaults <- the recipe <- overrides, validated; returns a DictConfig.
+
+    The recipe is a YAML path, the name of a shipped recipe, a mapping, a `Recipe`
+    or a DictConfig; overrides are `key=value` strings (as on the command line) or
+    a mapping (`{"trainer": {"max_steps": 100}}` or `{"trainer.max_steps": 100}`)."""
     cfg = OmegaConf.structured(Recipe)
     where = "defaults"
+    overrides = _dotlist(overrides)
     try:
-        if path is not None:
+        if isinstance(path, (Recipe, DictConfig)) or hasattr(path, "items"):
+            where = "the recipe mapping"
+            given = OmegaConf.structured(path) if isinstance(path, Recipe) else path
+            if not isinstance(given, DictConfig):
+                given = OmegaConf.create(dict(given))
+            cfg = OmegaConf.merge(cfg, given)
+        elif path is not None:
             p = resolve_recipe_path(path)
             where = str(p)
             try:
@@ -277,8 +324,6 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample")  # diffusion.prediction: dif
 
 
 def validate(cfg: DictConfig) -> None:
-    from lgframe.constraint import get_constraint
-    from lgframe.models import resolve_config
 
     if cfg.task not in TASKS:
         raise LgframeError(f"recipe key 'task' is {cfg.task!r}; valid: {', '.join(TASKS)}")
@@ -287,7 +332,6 @@ def validate(cfg: DictConfig) -> None:
     mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads, freq_shift=m.freq_shift, mlp_act=m.mlp_act)
     if mc["family"] != family:
         raise LgframeError(f"task '{cfg.task}' needs a {family.upper()} model, but model.name is '{m.name}'")
-    from lgframe.models import FAMILIES
 
     try:
         FAMILIES[family][1](**mc).validate()
@@ -301,7 +345,6 @@ def validate(cfg: DictConfig) -> None:
         raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
     if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
-    from lgframe.data import CROPS, DATA_NAMES
 
     if cfg.data.name not in DATA_NAMES:
         raise LgframeError(f"data.name={cfg.data.name!r}; valid: {', '.join(DATA_NAMES)}")

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from lgframe.errors import LgframeError
-from lgframe.io import dcp_inner_error, dcp_load, load_checkpoint, read_dcp_metadata
+from lgframe.formats.checkpoints import dcp_inner_error, dcp_load, load_checkpoint, read_dcp_metadata
 
 COMPLETE = ".lgframe-complete"  # marker written into a staging folder once every shard is on disk
 

@@ -13,21 +13,22 @@ the set of trainable parameters when they wrap the model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from rich.progress import track
+from torch.distributed.fsdp import fully_shard
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lgframe.constraint import attached_constraint, get_constraint, log
+from lgframe.core.constraint import attached_constraint, log
+from lgframe.core.layout import Layout
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.io import model_meta
-from lgframe.layout import Layout
-
+from lgframe.formats.checkpoints import load_checkpoint
+from lgframe.models.files import model_meta, read_model
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -43,9 +44,8 @@ class LgTask(pl.LightningModule):
         self.constraint = get_constraint(spec.to_dict() if spec else recipe["constraint"])
         self.teacher = None
         if recipe.get("teacher"):
-            from lgframe.io import load_model
 
-            teacher = load_model(recipe["teacher"])[0].eval().requires_grad_(False)
+            teacher = read_model(recipe["teacher"])[0].eval().requires_grad_(False)
             check_same_inputs(model, teacher, "teacher")
             # Unregistered: the teacher is neither trained, nor sharded, nor saved in checkpoints.
             object.__setattr__(self, "teacher", teacher)
@@ -74,7 +74,6 @@ class LgTask(pl.LightningModule):
                 p.requires_grad_(True)  # trained from `unfreeze_at` on; lr 0 before (configure_optimizers)
         mesh = self.device_mesh
         if mesh is not None and not getattr(self.model, "_lg_sharded", False):
-            from torch.distributed.fsdp import fully_shard
 
             dp = mesh["data_parallel"]
             for block in Layout(self.model).blocks(self.model):
@@ -150,7 +149,6 @@ class LgTask(pl.LightningModule):
         folder = getattr(self, "checkpoint_dir", None)
         last = folder / "last.ckpt" if folder is not None else None
         if last is not None and last.exists():
-            from lgframe.io import load_checkpoint
 
             try:
                 step = load_checkpoint(last / "meta.pt" if last.is_dir() else last).get("global_step", "?")
@@ -302,7 +300,6 @@ class DiffusionTask(LgTask):
             m.eval()
         timesteps = sched.timesteps
         if progress:
-            from rich.progress import track
 
             timesteps = track(timesteps, description=f"sampling ({kind}, {steps} steps)")
         for t in timesteps:

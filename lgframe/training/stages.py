@@ -18,30 +18,30 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lgframe.constraint import attached_constraint, constraint_class, constraint_names, get_constraint
-from lgframe.data import build_datamodule, image_folder_classes
+from lgframe.core.constraint import attached_constraint
+from lgframe.core.registry import constraint_class, constraint_names, get_constraint
+from lgframe.data.datamodule import build_datamodule
+from lgframe.data.datasets import image_folder_classes
+from lgframe.data.latents import decode, load_vae, sample_decoder
 from lgframe.errors import LgframeError
-from lgframe.distributed import recover_checkpoints
-from lgframe.io import (
-    CONSOLIDATED,
-    atomic_checkpoint_io,
-    atomic_path,
-    load_checkpoint,
-    load_model,
-    read_safetensors,
-    save_model,
-    write_text,
-)
-from lgframe.learngene import Learngene, paths_for
-from lgframe.models import model_from_config, parse_size, resolve_config
-from lgframe.recipes import constraint_spec, to_plain
-from lgframe.rundir import RunLock, remove_partial_files, resolve_run_dir, unique_dir  # noqa: F401 (unique_dir: API)
-from lgframe.tasks import DiffusionTask, LgTask, make_task
+from lgframe.formats.checkpoints import load_checkpoint, read_dcp_metadata
+from lgframe.formats.files import atomic_path, read_safetensors, write_text
+from lgframe.formats.learngene import Learngene, paths_for
+from lgframe.models.files import CONSOLIDATED, model_meta, read_model, save_model
+from lgframe.models.files import build_model as rebuild
+from lgframe.models.registry import model_from_config, parse_size, resolve_config
+from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
+from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
+from lgframe.training.metrics import class_accuracy, digits_fid, inception_fid
+from lgframe.training.recipes import constraint_spec, load_recipe, to_plain, validate
+from lgframe.training.rundir import RunLock, remove_partial_files, resolve_run_dir, unique_dir  # noqa: F401 (unique_dir: API)
+from lgframe.training.tasks import DiffusionTask, LgTask, make_task
 
 log = logging.getLogger("lgframe")
 
@@ -130,7 +130,7 @@ def build_model(cfg: DictConfig) -> tuple[nn.Module, str]:
             )
         model = descend_model(lg, model_from_config(recipe_model_config(cfg)), opts.get("options", opts))
         return model, "random"
-    model, meta = load_model(src)
+    model, meta = read_model(src)
     carried = (meta.get("constraint") or {}).get("name")
     spec = constraint_spec(cfg)
     name = spec if isinstance(spec, str) else spec.get("name")
@@ -207,7 +207,6 @@ def checkpoint_info(path: Path) -> dict:
     safely: a .ckpt with weights_only=True, an fsdp folder's meta.pt likewise after
     its .metadata passed the allow-list."""
     if path.is_dir():
-        from lgframe.io import read_dcp_metadata
 
         read_dcp_metadata(path)
         return load_checkpoint(path / "meta.pt")
@@ -253,7 +252,6 @@ def make_strategy(t) -> object:
     Lightning strategy name."""
     if t.strategy != "fsdp":
         return t.strategy
-    from lgframe.distributed import make_sharded_strategy
 
     return make_sharded_strategy(t.accelerator, t.devices, t.num_nodes)
 
@@ -262,9 +260,7 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     """The task's model with full (unsharded) tensors; called on every rank."""
     if not sharded:
         return task.model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from lgframe.io import build_model as rebuild, model_meta
 
     state = get_model_state_dict(task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() != 0:
@@ -272,25 +268,8 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     return rebuild(model_meta(task.model), state)
 
 
-class FiniteCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that refuses to save non-finite weights or a run
-    whose last validation loss is not finite: the previous checkpoint stays."""
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        val = trainer.callback_metrics.get("val/loss")
-        bad = val is not None and not torch.isfinite(torch.as_tensor(val)).all()
-        if not bad:
-            bad = any(not torch.isfinite(p.detach()).all() for p in trainer.lightning_module.parameters())
-        if bad:
-            log.warning("step %d: checkpoint not saved (non-finite %s); %s", trainer.global_step,
-                        "validation loss" if val is not None and not torch.isfinite(torch.as_tensor(val)).all()
-                        else "weights", f"the previous one is kept: {filepath}" if Path(filepath).exists()
-                        else "there is no earlier checkpoint")
-            return
-        super()._save_checkpoint(trainer, filepath)
-
-
-def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None) -> RunResult:
+def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None,
+        model: nn.Module | None = None) -> RunResult:
     """Train the recipe's model; writes a run directory and returns its curves.
 
     Everything that can be checked is checked before the run folder is created or
@@ -298,7 +277,6 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     swapped prior, the data, and for a resume the checkpoint (read safely) and
     whether it holds the recipe's model. `resume=auto` on a finished run changes
     nothing and returns its results."""
-    from lgframe.recipes import validate
 
     validate(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
@@ -312,7 +290,14 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     else:
         run_dir = resolve_run_dir(base, multi)
     recipe = to_plain(cfg)
-    model, mode = build_model(cfg)
+    if model is None:
+        model, mode = build_model(cfg)
+    else:  # a model in memory (e.g. from lgframe.descend): it keeps the constraint it carries
+        mode = "random"
+        carried = attached_constraint(model)
+        if carried is not None:
+            cfg.constraint = carried.to_dict()  # what the weights carry, recorded in config.yaml
+            recipe = to_plain(cfg)
     if info is not None:
         check_resume_fits(resume, info, model, cfg)
         if int(info.get("global_step", 0)) >= t.max_steps and (run_dir / "checkpoints" / "last.ckpt") == resume:
@@ -348,7 +333,7 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
     )
     callbacks: list = [ckpt_cb]
     if cfg.ema.enabled and sharded:
-        warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models")
+        warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models", stacklevel=2)
     elif cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
     with warnings.catch_warnings():
@@ -367,7 +352,7 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
             gradient_clip_val=cfg.optim.grad_clip or None,
             logger=CSVLogger(run_dir, name="", version=""),
             callbacks=callbacks,
-            plugins=None if sharded else [atomic_checkpoint_io()],
+            plugins=None if sharded else [AtomicCheckpointIO()],
             enable_progress_bar=t.progress,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -398,11 +383,11 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
 
 
 # ------------------------------------------------------------------ other stages
-def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike, constraint: str | dict | None = None) -> tuple[Path, Path]:
+def extract_learngene_file(checkpoint: str | os.PathLike, out: str | os.PathLike, constraint: str | dict | None = None) -> tuple[Path, Path]:
     """The learngene of a checkpoint or model file. With `constraint`, the model's
     dense weights are decomposed by that constraint first (any dense checkpoint
     works, e.g. one trained with constraint=scratch)."""
-    model, meta = load_model(checkpoint)
+    model, meta = read_model(checkpoint)
     carried = meta.get("constraint")
     if constraint is not None:
         if carried is not None:
@@ -418,29 +403,38 @@ def extract_learngene(checkpoint: str | os.PathLike, out: str | os.PathLike, con
     return get_constraint(carried).learngene(model).save(out)
 
 
-def descend_file(learngene: str | os.PathLike, size: str | list[str], out: str | os.PathLike, options: dict | None = None) -> nn.Module:
-    """`lgframe descend`: a descendant model file of the given size from a learngene.
-    `size` is a table name and/or depth=/width=/heads= over the ancestor's size."""
-    lg = Learngene.load(learngene)
-    name, overrides = parse_size(size)
-    anc = lg.ancestor_config
+def descendant(learngene: Learngene, size: str | list[str] | None = None, options: dict | None = None,
+               **dims) -> nn.Module:
+    """A descendant model of `size` (a table name and/or depth=/width=/heads= over the
+    ancestor's size; `dims` adds depth=, width=, heads= as keywords), in memory."""
+    name, overrides = parse_size(size) if size else (None, {})
+    overrides |= {k: v for k, v in dims.items() if v is not None}
+    anc = learngene.ancestor_config
     if name is None:
         cfg = dict(anc) | overrides
     else:
         cfg = resolve_config(name, **overrides)
-        if cfg["family"] != lg.family:
-            raise LgframeError(f"--model {name} is a {cfg['family']} size, but the learngene comes from a {lg.family} model")
-        cfg.update({k: anc[k] for k in ("image_size", "in_channels", "num_classes")})
-    model = descend_model(lg, model_from_config(cfg), options)
+        if cfg["family"] != learngene.family:
+            raise LgframeError(f"--model {name} is a {cfg['family']} size, but the learngene comes from a "
+                               f"{learngene.family} model")
+        cfg.update({k: anc[k] for k in ("image_size", "in_channels", "num_classes") if k in anc})
+    return descend_model(learngene, model_from_config(cfg), options)
+
+
+def descend_file(learngene: str | os.PathLike, size: str | list[str], out: str | os.PathLike, options: dict | None = None) -> nn.Module:
+    """`lgframe descend`: a descendant model file of the given size from a learngene."""
+    model = descendant(Learngene.load(learngene), size, options)
     save_model(model, out)
     return model
 
 
-def load_task(checkpoint: str | os.PathLike, recipe: DictConfig | None = None) -> LgTask:
-    """A task around a saved model, for sampling and evaluation."""
-    from lgframe.recipes import load_recipe
-
-    model, meta = load_model(checkpoint)
+def load_task(checkpoint: str | os.PathLike | nn.Module, recipe: DictConfig | None = None) -> LgTask:
+    """A task around a saved model (or a model in memory), for sampling and evaluation."""
+    if isinstance(checkpoint, nn.Module):
+        spec = attached_constraint(checkpoint)
+        model, meta = checkpoint, {"constraint": spec.to_dict() if spec is not None else None}
+    else:
+        model, meta = read_model(checkpoint)
     if recipe is not None:
         plain = to_plain(recipe)
     elif "recipe" in meta:
@@ -457,7 +451,7 @@ def sampling_kwargs(guidance: float | None = None, steps: int | None = None, sch
     """Keyword arguments of DiffusionTask.sample; `uncond_from` loads the swapped prior."""
     kw = {"guidance": guidance, "steps": steps, "scheduler": scheduler, "seed": seed}
     if uncond_from:
-        kw["uncond_model"] = load_model(uncond_from)[0]
+        kw["uncond_model"] = read_model(uncond_from)[0]
     return kw
 
 
@@ -465,7 +459,6 @@ def to_pixels(task: DiffusionTask, x: torch.Tensor) -> torch.Tensor:
     """A latent DiT's samples decoded through its VAE (see lgframe/latents.py); pixel
     samples unchanged. Without the VAE folder, a warning and the latents' first
     channels (one, or three) scaled to [-1, 1]."""
-    from lgframe.latents import decode, load_vae, sample_decoder
 
     vae = sample_decoder(getattr(task, "recipe", {}).get("data"))
     if vae is None:
@@ -513,7 +506,6 @@ def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: st
         out["val_acc"] = correct / count
         return out
     if n_samples and data_cfg.name == "digits":
-        from lgframe.metrics import class_accuracy, digits_fid, inception_fid
 
         labels = torch.arange(n_samples) % task.model.config.num_classes
         fake = task.sample(labels, **kw)

@@ -45,10 +45,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
-from lgframe.constraint import attached_constraint, get_constraint
-from lgframe.dit import DiT, DiTConfig
+from lgframe.core.constraint import attached_constraint
+from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
+from lgframe.formats.checkpoints import load_checkpoint
+from lgframe.formats.files import atomic_dir
+from lgframe.models.dit import DiT, DiTConfig
+from lgframe.models.vit import ViT, ViTConfig
 
 EMB = "transformer_blocks.{i}.norm1.emb."
 TOP = {
@@ -88,7 +93,6 @@ def _load_diffusers(source) -> nn.Module:
         if not weights.is_file():
             raise LgframeError(f"'{path}' has no diffusion_pytorch_model.safetensors (or .bin) beside its config.json")
         # A .bin is a pickle: read here with weights_only=True, never through a library's own loader.
-        from lgframe.io import load_checkpoint
 
         model = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(str(path)))
         model.load_state_dict(load_checkpoint(weights, "diffusers weights file"), strict=True)
@@ -165,7 +169,6 @@ def to_diffusers(model: nn.Module, out_dir: str | os.PathLike | None = None, ove
                 out[f"{p}attn1.to_{x}.{leaf}"] = t
     dst.load_state_dict(out, strict=True)
     if out_dir is not None:
-        from lgframe.io import atomic_dir
 
         with atomic_dir(out_dir, replace=overwrite) as tmp:
             dst.save_pretrained(str(tmp), safe_serialization=True)
@@ -197,11 +200,9 @@ def _load_timm(source) -> nn.Module:
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise LgframeError(f"timm could not build the model described by {path / 'config.json'}: {e}") from None
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
 
         state = load_file(str(path / "model.safetensors"))
     elif (path / "pytorch_model.bin").is_file():
-        from lgframe.io import load_checkpoint
 
         state = load_checkpoint(path / "pytorch_model.bin", "timm weights file")
     else:
@@ -278,7 +279,6 @@ def _timm_differences(m: nn.Module) -> list[str]:
 
 def from_timm(source) -> nn.Module:
     """An lgframe ViT with the weights of a timm VisionTransformer (module or local folder)."""
-    from lgframe.vit import ViT, ViTConfig
 
     src = _load_timm(source)
     why = _timm_differences(src)
@@ -325,7 +325,6 @@ def to_timm(model: nn.Module, out_dir: str | os.PathLike | None = None, overwrit
     if out_dir is not None:
         from timm.models import save_for_hf
 
-        from lgframe.io import atomic_dir
 
         with atomic_dir(out_dir, replace=overwrite) as tmp:
             save_for_hf(dst, str(tmp), model_args=args, safe_serialization=True)

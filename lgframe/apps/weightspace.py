@@ -43,11 +43,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.progress import Progress, track
+from torch.utils.data import DataLoader, TensorDataset
 
+from lgframe.data.datasets import load_digits_arrays, load_image_folder, make_shapes
 from lgframe.errors import LgframeError
+from lgframe.formats.files import read_safetensors, save_tensors
+from lgframe.models.files import build_model, model_meta
+from lgframe.models.registry import create_model
+from lgframe.training.metrics import class_accuracy, digits_fid
+from lgframe.training.recipes import load_recipe
+from lgframe.training.tasks import DiffusionTask
 
 REPRS = ("mlora", "lora", "full")
 TOKENS = ("pca", "layer")
@@ -117,8 +128,6 @@ def check_cfg(c: WeightspaceCfg) -> None:
 
 def load_cfg(recipe: str | None, overrides: list[str]) -> WeightspaceCfg:
     """A WeightspaceCfg from an optional YAML recipe and key=value overrides (unknown keys fail)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     base = OmegaConf.structured(WeightspaceCfg)
     try:
@@ -126,7 +135,7 @@ def load_cfg(recipe: str | None, overrides: list[str]) -> WeightspaceCfg:
         if recipe:
             p = Path(recipe)
             if not p.is_file():
-                shipped = Path(__file__).resolve().parent / "recipes" / "weightspace" / f"{Path(recipe).stem}.yaml"
+                shipped = Path(__file__).resolve().parents[1] / "recipes" / "weightspace" / f"{Path(recipe).stem}.yaml"
                 if not shipped.is_file():
                     raise LgframeError(f"recipe '{recipe}' not found (a YAML file or a shipped name such as weightspace_digits)")
                 p = shipped
@@ -143,7 +152,6 @@ def load_cfg(recipe: str | None, overrides: list[str]) -> WeightspaceCfg:
 # ------------------------------------------------------------------ data
 def field_images(c: WeightspaceCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, C, size, size) in [-1, 1] and labels (N,)."""
-    from lgframe.data import load_digits_arrays, load_image_folder, make_shapes
 
     if c.data == "digits":
         x, y = load_digits_arrays()
@@ -204,7 +212,7 @@ class Base:
         return out
 
     @classmethod
-    def from_state(cls, fc: FieldCfg, channels: int, t: dict[str, torch.Tensor]) -> "Base":
+    def from_state(cls, fc: FieldCfg, channels: int, t: dict[str, torch.Tensor]) -> Base:
         b = cls(fc, channels)
         b.freqs = t["base/freqs"]
         b.weights = [t[f"base/w{i}"] for i in range(len(b.weights))]
@@ -227,7 +235,6 @@ def render(feats: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.
 def fit_base(base: Base, x: torch.Tensor, steps: int, lr: float = 1e-3, batch: int = 64, seed: int = 0,
              progress: bool = False) -> list[float]:
     """Trains the shared base on random batches of all items (it learns what they share)."""
-    from rich.progress import track
 
     g = torch.Generator().manual_seed(seed)
     feats = base.features(coords(x.shape[-1]))
@@ -270,7 +277,7 @@ class Adapter:
     def __init__(self, base: Base, c: WeightspaceCfg):
         self.base, self.c = base, c
         self.masks = []
-        for i, (m, n) in enumerate(base.shapes):
+        for i, (_m, n) in enumerate(base.shapes):
             use = c.mask and c.repr != "full"
             self.masks.append(row_mask((c.rank, n), c.mask_fraction, c.mask_seed + 1000 * i) if use else torch.ones(c.rank, n))
 
@@ -365,7 +372,6 @@ def fit_items(adapter: Adapter, x: torch.Tensor, steps: int, lr: float, batch_it
               progress: bool = True, pixels: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Fits every item: returns weight vectors (N, D) and PSNR (N,) over all pixels.
     Each step uses `pixels` random pixels (the same for the items fitted together; 0 = all)."""
-    from rich.progress import Progress
 
     base = adapter.base
     feats = base.features(coords(x.shape[-1]))
@@ -416,7 +422,6 @@ class WeightDataset:
         return Adapter(self.base, self.cfg)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from lgframe.io import save_tensors
 
         t = {"weights": self.weights.contiguous(), "labels": self.labels.contiguous(), "psnr": self.psnr.contiguous(),
              **{k: v.contiguous() for k, v in self.base.state().items()}}
@@ -425,8 +430,7 @@ class WeightDataset:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "WeightDataset":
-        from lgframe.io import read_safetensors
+    def load(cls, path: str | os.PathLike) -> WeightDataset:
 
         t, meta = read_safetensors(path, "weight dataset")
         if meta.get("format") != FORMAT:
@@ -532,9 +536,7 @@ def class_gaussian(ds: WeightDataset, labels: torch.Tensor, seed: int = 0) -> to
 
 
 def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
-    from omegaconf import OmegaConf
 
-    from lgframe.recipes import load_recipe
 
     r = load_recipe("dit_digits_pretrain", ["constraint=scratch", f"optim.lr={c.dit_lr}", "optim.warmup_steps=50",
                                             "diffusion.clip_sample=false", "diffusion.prediction=v_prediction",
@@ -545,11 +547,7 @@ def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
 
 def train_generator(ds: WeightDataset, progress: bool = True):
     """A class-conditional DiT trained on the weight tokens; returns (task, stats)."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from lgframe.models import create_model
-    from lgframe.tasks import DiffusionTask
 
     c = ds.cfg
     z, stats = token_grid(ds)
@@ -573,7 +571,6 @@ def sample_weights(ds: WeightDataset, task, stats: dict, labels: torch.Tensor, s
 
 
 def save_generator(task, stats: dict, ds_path: str | os.PathLike, path: str | os.PathLike) -> Path:
-    from lgframe.io import model_meta, save_tensors
 
     t = {f"model/{k}": v.contiguous() for k, v in task.model.state_dict().items()}
     t |= {f"stats/{k}": v.contiguous() for k, v in stats.items() if isinstance(v, torch.Tensor)}
@@ -585,8 +582,6 @@ def save_generator(task, stats: dict, ds_path: str | os.PathLike, path: str | os
 
 
 def load_generator(path: str | os.PathLike):
-    from lgframe.io import build_model, read_safetensors
-    from lgframe.tasks import DiffusionTask
 
     t, meta = read_safetensors(path, "weight-space generator")
     if meta.get("format") != FORMAT + "-generator":
@@ -606,7 +601,6 @@ def nearest_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
 
 def score_digits(fake: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> dict:
     """Digits FID and class accuracy (lgframe.metrics' digits classifier, at 8x8) and NN distance."""
-    from lgframe.metrics import class_accuracy, digits_fid
 
     small = F.interpolate(fake, size=(8, 8), mode="area")
     real_small = F.interpolate(real, size=(8, 8), mode="area")

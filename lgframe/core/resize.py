@@ -9,14 +9,14 @@ hidden axis is one flat signal. Depth (axis 0 of a stack) is always flat.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from lgframe.core.layout import Dims, Layout, model_depth
 from lgframe.errors import LgframeError
-from lgframe.layout import Dims, Layout, model_depth
 
 Resize1d = Callable[[np.ndarray, int, int], np.ndarray]
 

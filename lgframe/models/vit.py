@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lgframe.dit import Attention, Mlp, PatchEmbed, TransformerConfig
+from lgframe.models.dit import Attention, Mlp, PatchEmbed, TransformerConfig
 
 
 @dataclass

@@ -28,13 +28,16 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lgframe.constraint import TransformConstraint, constraint_class, constraint_names
-from lgframe.io import load_checkpoint, write_json, write_text
-from lgframe.models import parse_size
-from lgframe.recipes import load_recipe
-from lgframe.run import RunResult, evaluate, extract_learngene, fit, load_task, plot_curves, read_curve
+from lgframe.core.constraint import TransformConstraint
+from lgframe.core.registry import constraint_class, constraint_names
+from lgframe.formats.checkpoints import load_checkpoint
+from lgframe.formats.files import atomic_path, write_json, write_text
+from lgframe.models.registry import parse_size
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import RunResult, evaluate, extract_learngene_file, fit, load_task, plot_curves, read_curve
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float, higher: bool = False) -> int | None:
@@ -74,7 +77,7 @@ def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, P
             runs[run_name] = _reuse_or_fit(cfg, base + [f"name={run_name}", f"constraint={'scratch' if transform else name}"])
         run = runs[run_name]
         if not lg.exists():
-            extract_learngene(run.checkpoint, lg, {"name": name} if transform else None)
+            extract_learngene_file(run.checkpoint, lg, {"name": name} if transform else None)
         learngenes[name] = lg
         curve = read_curve(run.run_dir, key)
         if curve:
@@ -188,9 +191,7 @@ def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
-    from lgframe.io import atomic_path
 
     rows = {}
     for name, task in tasks.items():
@@ -222,7 +223,7 @@ def _summarize(results: dict, higher: bool = False, ancestor_finals: dict[str, f
         scratch = methods["scratch"]
         scratch_steps = scratch[0]["curve"][-1][0]
         for name, rows in methods.items():
-            def mean_steps(targets):
+            def mean_steps(targets, rows=rows):
                 reach = [steps_to_reach(row[curve_key], t, higher) for row, t in zip(rows, targets)]
                 return statistics.mean(reach) if None not in reach else None
 

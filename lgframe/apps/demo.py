@@ -15,11 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lgframe.compare import steps_to_reach
-from lgframe.io import write_text
-from lgframe.learngene import Learngene
-from lgframe.recipes import load_recipe
-from lgframe.run import RunResult, fit, plot_curves
+from lgframe.apps.compare import steps_to_reach
+from lgframe.core.registry import constraint_class
+from lgframe.formats.files import write_text
+from lgframe.formats.learngene import Learngene
+from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import RunResult, fit, plot_curves
 
 SIZES = {"smaller": "DiT-Pico/2", "larger": "DiT-Micro/2"}
 
@@ -31,7 +32,6 @@ def _fmt_steps(s: int | None) -> str:
 def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0, constraint: str = "svd",
              overrides: list[str] | None = None) -> Path:
     """`overrides` (key=value) apply to every run, e.g. sample.n=10 for a fast check."""
-    from lgframe.constraint import constraint_class
 
     out = Path(out)
     t0 = time.time()

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import logging
-
 import torch
 
 from lgframe.errors import LgframeError
-from lgframe.io import read_safetensors, save_tensors, write_json
+from lgframe.formats.files import read_safetensors, save_tensors, write_json
 
 log = logging.getLogger("lgframe")
 
@@ -187,7 +186,7 @@ class Learngene:
     @classmethod
     def load(
         cls, path: str | os.PathLike, constraint: str | None = None, family: str | None = None
-    ) -> "Learngene":
+    ) -> Learngene:
         """Load and verify. `constraint` / `family`, when given, must match the manifest."""
         st, js = paths_for(path)
         tensors, meta = read_safetensors(st, "learngene file")

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from lgframe.dit import DIT_PATCHES, DIT_SIZES, DiT, DiTConfig
 from lgframe.errors import LgframeError
-from lgframe.vit import VIT_PATCHES, VIT_SIZES, ViT, ViTConfig
+from lgframe.models.dit import DIT_PATCHES, DIT_SIZES, DiT, DiTConfig
+from lgframe.models.vit import VIT_PATCHES, VIT_SIZES, ViT, ViTConfig
 
 FAMILIES = {"dit": (DiT, DiTConfig, DIT_SIZES, DIT_PATCHES), "vit": (ViT, ViTConfig, VIT_SIZES, VIT_PATCHES)}
 
