@@ -75,6 +75,7 @@ from lgframe.core.constraint import (
     inherit_free,
     log,
 )
+from lgframe.core.factors import random_orthonormal
 from lgframe.core.layout import Dims, Layout, Role, model_identity, resample_depth, select_width
 from lgframe.core.registry import register_constraint
 from lgframe.errors import LgframeError
@@ -109,8 +110,7 @@ def random_columns(rows: int, cols: int) -> torch.Tensor:
     if cols == 0:
         return torch.zeros(rows, 0)
     if cols <= rows:
-        q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
-        return (q * torch.sign(torch.diagonal(r))).float()
+        return random_orthonormal(rows, cols).float()
     a = torch.randn(rows, cols)
     return a / a.norm(dim=0, keepdim=True)
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lgframe.core.constraint import Bank, BaseOptions, ConstrainedLinear, FactorizedConstraint, log
+from lgframe.core.factors import random_orthonormal
 from lgframe.core.layout import Dims, Layout, Role, resample_depth, select_width
 from lgframe.core.registry import register_constraint
 from lgframe.errors import LgframeError
@@ -63,11 +64,6 @@ class SVDBank(Bank):
             y = ((x @ V) * mod.sigma) @ U.T
             return y + mod.bias if mod.bias is not None else y
         return F.linear(x, (U * mod.sigma) @ V.T, mod.bias)
-
-
-def random_orthonormal(rows: int, cols: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
 
 
 def random_sigma(norms: torch.Tensor, r: int) -> torch.Tensor:
@@ -124,7 +120,7 @@ class SVD(FactorizedConstraint):
         if init == "empty":  # descend overwrites every tensor
             return {"U": torch.empty(m, r), "V": torch.empty(n, r)}, {"sigma": torch.empty(L, r)}
         if init == "random":
-            U, V = random_orthonormal(m, r), random_orthonormal(n, r)
+            U, V = random_orthonormal(m, r).float(), random_orthonormal(n, r).float()
             return {"U": U, "V": V}, {"sigma": random_sigma(stack.flatten(1).norm(dim=1), r)}
         W = stack.double()
         U = torch.linalg.svd(torch.cat(list(W), dim=1), full_matrices=False)[0][:, :r]

@@ -110,6 +110,7 @@ from lgframe.core.constraint import (
     attached_constraint,
     log,
 )
+from lgframe.core.factors import random_orthonormal
 from lgframe.core.layout import (
     Dims,
     Layout,
@@ -232,11 +233,6 @@ def _blas_threads(n: int | None):
     return threadpool_limits(n, user_api="blas")
 
 
-def random_orthonormal(rows: int, cols: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
 def mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
     """core x_mode matrix: axis `mode` (size r) of core becomes matrix.shape[0]."""
     return torch.movedim(torch.tensordot(matrix, core, dims=([1], [mode])), 0, mode)
@@ -248,9 +244,8 @@ class TuckerOptions(BaseOptions):
     ranks: str | list | dict | None = "layer"  # "layer" | "full" | [p, q, s] | {role: ...} (module docstring)
     width_ratios: list | None = None  # width-wise stochastic scaling during ancestor training; None = off
     # Learning rate of the cores G relative to optim.lr (unless optim.learngene_lr is set). One core
-    # feeds every layer of its role, so an Adam step on G moves all L weights at once: at the full
-    # rate a ViT-Pico ancestor sat at chance for 200 steps (0.15 accuracy, lr 3e-3); at 0.1 it
-    # reached 0.50, and a DiT-Pico's validation loss went 0.276 -> 0.266.
+    # feeds every layer of its role, so an Adam step on G moves all L weights at once (the measured
+    # effect of 1 vs 0.1 is in benchmarks/README.md, "tucker core_lr").
     core_lr: float = 0.1
 
 

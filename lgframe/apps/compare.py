@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lgframe.apps.report import markdown_table
 from lgframe.core.constraint import TransformConstraint
 from lgframe.core.registry import constraint_class, constraint_names
 from lgframe.formats.checkpoints import load_checkpoint
@@ -274,7 +275,7 @@ def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
         head += ["steps to scratch's final", "ratio", "steps to ancestor's final"]
         if not acc:
             head += ["FID (digits)", "class acc"]
-        lines += [f"## {size}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        table = []
         for name, e in methods.items():
             cells = [name, _fmt(e["initial"]), f"{_fmt(e['final'])} ± {_fmt(e['final_spread'])}"]
             if acc:
@@ -283,7 +284,8 @@ def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
                       _fmt(e.get("steps_to_ancestor_final"), ".0f") if "ancestor_final" in e else "n/a"]
             if not acc:
                 cells += [_fmt(e.get("fid_digits"), ".1f"), _fmt(e.get("class_accuracy"), ".3f")]
-            lines.append("| " + " | ".join(cells) + " |")
+            table.append(cells)
+        lines += [f"## {size}", "", *markdown_table(head, table)]
         tag = size_tag(size)
         lines += ["", *[f"![{size} seed {s}](loss_{tag}_s{s}.png)" for s in c.seeds], ""]
         if acc:

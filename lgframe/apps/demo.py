@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lgframe.apps.compare import steps_to_reach
+from lgframe.apps.report import markdown_table
 from lgframe.core.registry import constraint_class
 from lgframe.formats.files import write_text
 from lgframe.formats.learngene import Learngene
@@ -60,10 +61,9 @@ def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int
         for kind, r in pair.items():
             c = r.task.model.config
             params = sum(p.numel() for p in r.task.model.parameters())
-            rows.append(
-                f"| {SIZES[label]} ({c.depth}x{c.width}) | {kind} | {params:,} | {r.initial_loss:.4f} | {r.final_loss:.4f} | "
-                f"{_fmt_steps(steps_to_reach(r.curve, scratch_final))} | {_fmt_steps(steps_to_reach(r.curve, anc.final_loss))} |"
-            )
+            rows.append([f"{SIZES[label]} ({c.depth}x{c.width})", kind, f"{params:,}", f"{r.initial_loss:.4f}",
+                         f"{r.final_loss:.4f}", _fmt_steps(steps_to_reach(r.curve, scratch_final)),
+                         _fmt_steps(steps_to_reach(r.curve, anc.final_loss))])
     lgb = lg.bytes("learngene")
     report = f"""# lgframe demo report
 
@@ -88,9 +88,8 @@ frozen for {descendant_steps // 2} steps, then everything (training-free
 constraints train everything from the start). "Steps to reach" counts
 validation checks every {val_every} steps (0 = already there at initialization).
 
-| model | init | parameters | val loss step 0 | val loss final | steps to scratch's final | steps to ancestor's final ({anc.final_loss:.4f}) |
-|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{chr(10).join(markdown_table(["model", "init", "parameters", "val loss step 0", "val loss final",
+                              "steps to scratch's final", f"steps to ancestor's final ({anc.final_loss:.4f})"], rows))}
 
 ![smaller](loss_smaller.png) ![larger](loss_larger.png)
 

@@ -50,24 +50,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from typing_extensions import override
 
+from lgframe.apps.report import markdown_table
 from lgframe.core.constraint import attached_constraint
 from lgframe.core.registry import get_constraint
-from lgframe.data.datasets import SHAPE_NAMES, make_shapes
+from lgframe.data.datasets import IMAGE_SUFFIXES, SHAPE_NAMES, make_shapes, read_image
 from lgframe.errors import LgframeError
 from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_text
-from lgframe.models.dit import DiT, sincos_pos_embed
+from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
 from lgframe.training.stages import plot_curves, read_curve, unique_dir
-from lgframe.training.tasks import DiffusionTask
+from lgframe.training.tasks import DiffusionTask, warmup
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 LORA_FORMAT = "lgframe-lora/1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------ geometry
@@ -92,17 +91,6 @@ def patch_batch(x: torch.Tensor, t: torch.Tensor, num_timesteps: int, s_min: int
         if boxes is not None:
             boxes.append((i, j, s))
     return torch.cat(out)
-
-
-def sincos_at(dim: int, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
-    """DiT's 2-D sin-cos embedding (lgframe.dit.sincos_pos_embed) at fractional grid coordinates."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-
-    def emb(pos):
-        out = pos.reshape(-1, 1).double() * omega.reshape(1, -1)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-    return torch.cat([emb(gx), emb(gy)], dim=1).float()
 
 
 def crop_positions(dim: int, patch: int, s_min: int, boxes: list) -> torch.Tensor:
@@ -258,19 +246,15 @@ def subject_images(spec: str, n: int, size: int, channels: int, seed: int = 0) -
     if not folder.is_dir():
         raise LgframeError(f"subject {spec!r}: not a folder of images and not shapes:K")
 
+    # the same reader (and the same suffixes, centre crop and resampling) as image-folder data
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     imgs, bad = [], 0
     for p in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                side = min(im.size)
-                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-                a = torch.tensor(list(im.getdata()), dtype=torch.float32).reshape(size, size, -1).permute(2, 0, 1)
-                imgs.append(a / 127.5 - 1)
-        except OSError:
+        a = read_image(p, size, channels, "center")
+        if a is None:
             bad += 1
+            continue
+        imgs.append(torch.from_numpy(a) / 127.5 - 1)
     if bad:
 
         warnings.warn(f"subject folder {folder}: skipped {bad} unreadable image file(s)", stacklevel=2)
@@ -357,7 +341,7 @@ class PersonalizeTask(DiffusionTask):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)  # no decay: frozen rows must not move
         warm = o["warmup_steps"]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup(s, warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -524,7 +508,7 @@ def run_personalize(cfg) -> PersonalizeResult:
         f"patch sampling {'on' if p['patch_sampling'] else 'off'}, s_min {s_min}, s_max {p['image_size']}; "
         f"{p['n_images']} training images, {len(val)} held out; {t['max_steps']} steps.",
         "",
-        "| step | val loss |", "|---|---|", *[f"| {s} | {v:.4f} |" for s, v in curve],
+        *markdown_table(["step", "val loss"], [(s, f"{v:.4f}") for s, v in curve]),
         "",
         "Counted memory of one training step (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mb.items()),
         "",

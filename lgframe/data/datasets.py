@@ -64,6 +64,27 @@ def image_folder_classes(root) -> tuple[Path, list[str]]:
     return root, classes
 
 
+def read_image(path: Path, image_size: int, channels: int = 3, crop: str = "center") -> np.ndarray | None:
+    """One image file as float32 (C, S, S) in [0, 255], or None when it does not decode.
+    ``crop="center"`` resizes the short side to ``image_size`` (bicubic) and crops the
+    centre; ``"resize"`` resizes to a square (aspect not kept)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            if crop == "center":
+                k = image_size / min(w, h)
+                im = im.resize((max(image_size, round(w * k)), max(image_size, round(h * k))), Image.BICUBIC)
+                left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            else:
+                im = im.resize((image_size, image_size), Image.BICUBIC)
+            a = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
 def load_image_folder(root, image_size: int, channels: int = 3, crop: str = "center"):
     """An ImageFolder-style directory as tensors: images float32 (N, C, S, S) in
     [-1, 1], labels int64 (N,), class names (sorted subfolder names; index =
@@ -86,22 +107,11 @@ def load_image_folder(root, image_size: int, channels: int = 3, crop: str = "cen
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append(f)
                 continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if channels == 1 else "RGB")
-                    w, h = im.size
-                    if crop == "center":
-                        k = image_size / min(w, h)
-                        im = im.resize((max(image_size, round(w * k)), max(image_size, round(h * k))), Image.BICUBIC)
-                        left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
-                        im = im.crop((left, top, left + image_size, top + image_size))
-                    else:
-                        im = im.resize((image_size, image_size), Image.BICUBIC)
-                    a = np.asarray(im, dtype=np.float32)
-            except (UnidentifiedImageError, OSError, ValueError):
+            a = read_image(f, image_size, channels, crop)
+            if a is None:
                 skipped.append(f)
                 continue
-            images.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+            images.append(a)
             labels.append(label)
     if skipped:
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")

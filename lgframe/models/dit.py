@@ -110,19 +110,25 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def sincos_at(dim: int, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """The 2-D sine-cosine embedding of DiT/MAE at grid coordinates (gy, gx) (any shape,
+    fractional allowed): (number of points, dim), x half first."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1).double() * omega.reshape(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([emb(gx), emb(gy)], dim=1).float()
+
+
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding, (grid*grid, dim), as in DiT/MAE."""
     if dim % 4:
         raise ValueError(f"width {dim} must be a multiple of 4 for the 2-D sin-cos position embedding")
     coords = torch.arange(grid, dtype=torch.float64)
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-
-    def emb(pos):
-        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-    return torch.cat([emb(gx), emb(gy)], dim=1).float()
+    return sincos_at(dim, gy, gx)
 
 
 #################################################################################

@@ -33,8 +33,7 @@ from lgframe.errors import LgframeError
 from lgframe.formats.checkpoints import load_checkpoint, read_dcp_metadata
 from lgframe.formats.files import atomic_path, read_safetensors, write_text
 from lgframe.formats.learngene import Learngene, paths_for
-from lgframe.models.files import CONSOLIDATED, model_meta, read_model, save_model
-from lgframe.models.files import build_model as rebuild
+from lgframe.models.files import CONSOLIDATED, build_model, model_meta, read_model, save_model
 from lgframe.models.registry import model_from_config, parse_size, resolve_config
 from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
 from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
@@ -112,7 +111,7 @@ def recipe_model_config(cfg: DictConfig, check_data: bool = True) -> dict:
     return mc
 
 
-def build_model(cfg: DictConfig) -> tuple[nn.Module, str]:
+def starting_model(cfg: DictConfig) -> tuple[nn.Module, str]:
     """The model a recipe starts from, and how configure_model attaches its constraint."""
     src = cfg.init.source
     if src is None:
@@ -265,7 +264,7 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     state = get_model_state_dict(task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() != 0:
         return task.model  # full tensors land on rank 0 only
-    return rebuild(model_meta(task.model), state)
+    return build_model(model_meta(task.model), state)
 
 
 def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None,
@@ -291,7 +290,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
         run_dir = resolve_run_dir(base, multi)
     recipe = to_plain(cfg)
     if model is None:
-        model, mode = build_model(cfg)
+        model, mode = starting_model(cfg)
     else:  # a model in memory (e.g. from lgframe.descend): it keeps the constraint it carries
         mode = "random"
         carried = attached_constraint(model)

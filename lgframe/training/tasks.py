@@ -33,6 +33,11 @@ from lgframe.models.files import model_meta, read_model
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
+def warmup(step: int, steps: int) -> float:
+    """The linear warmup factor of the learning rate at optimizer step `step` (0-based)."""
+    return min(1.0, (step + 1) / steps) if steps else 1.0
+
+
 class LgTask(pl.LightningModule):
     def __init__(self, recipe: dict, model: nn.Module, init_mode: str = "random"):
         super().__init__()
@@ -112,7 +117,7 @@ class LgTask(pl.LightningModule):
             def f(step):
                 if name == "learngene" and step < at:
                     return 0.0  # phase 1: the learngene is frozen by a zero learning rate
-                return min(1.0, (step + 1) / warm) if warm else 1.0
+                return warmup(step, warm)
 
             return f
 
