@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lgframe.data.animals import NATIVE_SIZE, load_animals_arrays
 from lgframe.data.datasets import (
     CROPS,
     DATA_NAMES,
@@ -37,6 +38,9 @@ from lgframe.data.datasets import (
     make_shapes,
 )
 from lgframe.formats.latents import load_latents, read_latents_info
+
+DEFAULT_SIZES = {"imagefolder": 32, "animals": NATIVE_SIZE}  # data.image_size when it is not set
+STRATIFIED = ("animals",)  # data split per class (the embedded sets keep their global permutation)
 
 
 class EpochSampler(Sampler[int]):
@@ -124,7 +128,7 @@ class ImageDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         classes: list[int] | None = None,
         path: str | None = None,
-        image_size: int = 32,
+        image_size: int | None = None,
         channels: int = 3,
         crop: str = "center",
     ):
@@ -139,6 +143,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise DataError(f"crop={crop!r}; valid: {', '.join(CROPS)}")
         if int(channels) not in (1, 3):
             raise DataError(f"channels={channels}; valid: 1 (grayscale) or 3 (RGB)")
+        image_size = DEFAULT_SIZES.get(name, 32) if image_size is None else image_size
         if int(image_size) < 1:
             raise DataError(f"image_size={image_size} must be >= 1")
         self.path = path
@@ -183,7 +188,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def image_size(self) -> int:
-        if self.name == "imagefolder":
+        if self.name in ("imagefolder", "animals"):
             return self.folder_image_size
         if self.name == "latents":
             return int(self.latents_info["latent_size"])
@@ -206,6 +211,8 @@ class ImageDataModule(pl.LightningDataModule):
         """The whole data set: images (N, C, H, W), labels (N,)."""
         if self.name == "digits":
             return load_digits_arrays()
+        if self.name == "animals":
+            return load_animals_arrays(self.folder_image_size)
         if self.name == "imagefolder":
             x, y, _ = load_image_folder(self.path, self.folder_image_size, self.folder_channels, self.crop)
             return x, y
@@ -216,11 +223,25 @@ class ImageDataModule(pl.LightningDataModule):
         # A fixed seed like digits' fixed files: ``seed`` only changes the split.
         return make_shapes(self.shapes_n, seed=SHAPES_SEED)
 
-    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train and val indices into ``n`` items, deterministic in ``seed``."""
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val = min(max(1, round(n * self.val_fraction)), n - 1)
-        train_idx, val_idx = perm[: n - n_val], perm[n - n_val :]
+    def split_indices(self, n: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train and val indices into ``n`` items, deterministic in ``seed``; stratified by
+        label when `labels` are given (each class split at ``val_fraction``)."""
+        g = torch.Generator().manual_seed(self.seed)
+        if labels is None:
+            perm = torch.randperm(n, generator=g)
+            n_val = min(max(1, round(n * self.val_fraction)), n - 1)
+            train_idx, val_idx = perm[: n - n_val], perm[n - n_val :]
+        else:
+            train_parts, val_parts = [], []
+            for c in torch.unique(labels).tolist():
+                idx = torch.nonzero(labels == c).flatten()
+                idx = idx[torch.randperm(len(idx), generator=g)]
+                n_val = min(max(1, round(len(idx) * self.val_fraction)), len(idx) - 1) if len(idx) > 1 else 0
+                train_parts.append(idx[: len(idx) - n_val])
+                val_parts.append(idx[len(idx) - n_val:])
+            train_idx = torch.cat(train_parts)
+            train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
+            val_idx = torch.cat(val_parts).sort().values
         # perm is already random, so its first k are a random subset of the train split.
         k = max(round(len(train_idx) * self.train_fraction), min(self.batch_size, len(train_idx)))
         return train_idx[:k], val_idx
@@ -232,7 +253,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.classes is not None:
             keep = torch.isin(y, torch.tensor(self.classes))
             x, y = x[keep], y[keep]
-        train_idx, val_idx = self.split_indices(len(x))
+        train_idx, val_idx = self.split_indices(len(x), y if self.name in STRATIFIED else None)
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
 

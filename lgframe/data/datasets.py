@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 
 from lgframe.errors import LgframeError
 
-DATA_NAMES = ("digits", "shapes", "imagefolder", "latents")
+DATA_NAMES = ("digits", "shapes", "animals", "imagefolder", "latents")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CROPS = ("center", "resize")
 SHAPES_SEED = 0

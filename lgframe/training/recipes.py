@@ -42,7 +42,7 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "digits"  # digits | shapes | imagefolder | latents
+    name: str = "digits"  # digits | shapes | animals (lgframe[data]) | imagefolder | latents
     batch_size: int = 128
     val_fraction: float = 0.2
     seed: int = 0
@@ -52,7 +52,7 @@ class DataCfg:
     shuffle: bool = True  # false: the same global batches at any world size (equivalence checks)
     classes: Optional[list[int]] = None  # keep only these labels (e.g. fine-tuning on a subset)
     path: Optional[str] = None  # imagefolder: one subfolder per class; latents: a folder from `lgframe encode`
-    image_size: int = 32  # imagefolder: side after resize/crop
+    image_size: Optional[int] = None  # imagefolder (default 32): side after resize/crop; animals: 28 (native), 16, 32
     channels: int = 3  # imagefolder: 1 (grayscale) or 3 (RGB)
     crop: str = "center"  # imagefolder: center (short side, then centre crop) | resize (square, aspect not kept)
     vae: Optional[str] = None  # latents: local AutoencoderKL folder for decoding samples (default: the one encode used)
@@ -399,7 +399,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "init.unfreeze_at": (lambda v: v >= -1, "-1 (never) or a step >= 0"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "data.image_size": (lambda v: v >= 1, "an integer >= 1"),
+    "data.image_size": (lambda v: v is None or v >= 1, "null (the data set's own) or an integer >= 1"),
     "compare.steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.ancestor_steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.seeds": (lambda v: len(v) >= 1, "a non-empty list of seeds"),
