@@ -8,6 +8,7 @@ CLI's writing forms).
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -60,8 +61,6 @@ def extract_learngene(source: PathLike | nn.Module, constraint=None) -> Learngen
     """The learngene of a trained model (in memory, or a checkpoint / model file). With
     `constraint`, the model's dense weights are decomposed by it first (a copy: the
     model given is not changed). Save it with `Learngene.save(path)`."""
-    import copy
-
     model = read_model(source)[0] if not isinstance(source, nn.Module) else copy.deepcopy(source)
     carried = attached_constraint(model)
     if constraint is not None:

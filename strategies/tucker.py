@@ -227,7 +227,7 @@ def tucker_decompose(stack: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.T
 
 def _blas_threads(n: int | None):
     try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        from threadpoolctl import threadpool_limits  # optional: installed with scikit-learn, absent is fine
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(n, user_api="blas")

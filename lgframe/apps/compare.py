@@ -188,10 +188,10 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
 def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: int = 25, seed: int = 0) -> Path:
     """One row of samples per method (classes 0..k-1, `per_class` each), the
     same noise and guidance for every row, as one PNG."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib (plots only)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib (plots only)
 
 
     rows = {}

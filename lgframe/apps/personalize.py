@@ -138,7 +138,7 @@ def block_ranges(depth: int, front: int, back: int) -> tuple[range, range, range
 
 def add_lora(model: DiT, rank: int, alpha: float, blocks: range) -> DiT:
     """LoRA (peft) on the projections of `blocks`; every base weight frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # deferred: peft (imports transformers)
 
     if rank < 1:
         raise LgframeError(f"lora_rank={rank}; valid: an int >= 1")
@@ -150,7 +150,7 @@ def add_lora(model: DiT, rank: int, alpha: float, blocks: range) -> DiT:
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # deferred: peft (imports transformers)
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
@@ -347,7 +347,7 @@ class PersonalizeTask(DiffusionTask):
 
 # ------------------------------------------------------------------ files
 def lora_state(model: nn.Module, subject: int) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # deferred: peft (imports transformers)
 
     state = {f"lora/{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     state["subject/embedding"] = model.y_embedder.embedding_table.weight[subject].detach().cpu().clone()
@@ -366,7 +366,7 @@ def save_lora(model: nn.Module, subject: int, path: str | os.PathLike, base_conf
 def load_personalized(base: str | os.PathLike | DiT, lora: str | os.PathLike, image_size: int | None = None) -> tuple[DiT, int]:
     """The base DiT with the LoRA file merged in: a plain DiT with the subject class
     (optionally rebuilt at another image side, e.g. s_max for sampling)."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # deferred: peft (imports transformers)
 
     tensors, raw = read_safetensors(lora, "LoRA file")
     if "lgframe_lora" not in raw:
@@ -490,7 +490,7 @@ def run_personalize(cfg) -> PersonalizeResult:
     n = p["samples"]
     imgs = sampler.sample(torch.full((n,), subject), progress=t["progress"])
     samples = run_dir / "samples.png"
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # deferred: torchvision (image grids only)
 
     with atomic_path(samples) as tmp:
         grid = torch.cat([((train[: min(n, len(train))] + 1) / 2), ((imgs + 1) / 2)])

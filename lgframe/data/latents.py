@@ -25,7 +25,7 @@ from lgframe.formats.latents import FORMAT, SHARD, VERSION, read_latents_info
 
 def load_vae(path: str | os.PathLike):
     """A diffusers AutoencoderKL from a local folder (eval mode)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: diffusers (seconds to import)
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lgframe.errors import LgframeError
@@ -137,8 +137,6 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     p = require_file(path, what)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
         return load_file(str(p)), meta

@@ -78,7 +78,7 @@ BLOCK = {
 
 
 def _load_diffusers(source) -> nn.Module:
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers (seconds to import)
 
     if isinstance(source, nn.Module):
         return source
@@ -139,7 +139,7 @@ def from_diffusers(source) -> DiT:
 def to_diffusers(model: nn.Module, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> nn.Module:
     """A diffusers DiTTransformer2DModel with the weights of an lgframe DiT (any size;
     a constrained model is materialized on a copy first). Saved to `out_dir` if given."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel  # deferred: diffusers (seconds to import)
 
     if getattr(model.config, "family", None) != "dit":
         raise LgframeError("only lgframe DiTs export to diffusers")
@@ -181,7 +181,7 @@ TIMM_ARCH = "vit_base_patch16_224"  # the registered architecture exports name; 
 
 def _timm():
     try:
-        import timm
+        import timm  # deferred: timm (optional extra)
     except ImportError:
         raise LgframeError("timm is not installed: pip install 'lgframe[timm]' (or pip install timm)") from None
     return timm
@@ -216,7 +216,7 @@ def _load_timm(source) -> nn.Module:
 
 def _timm_differences(m: nn.Module) -> list[str]:
     """What in a timm ViT lgframe's ViT cannot represent (empty: it converts exactly)."""
-    from timm.layers import LayerNorm as TimmLayerNorm
+    from timm.layers import LayerNorm as TimmLayerNorm  # deferred: timm (optional extra)
 
     def identity(mod) -> bool:
         return mod is None or isinstance(mod, nn.Identity)
@@ -323,7 +323,7 @@ def to_timm(model: nn.Module, out_dir: str | os.PathLike | None = None, overwrit
     dst.load_state_dict(model.state_dict(), strict=True)
     dst.eval()
     if out_dir is not None:
-        from timm.models import save_for_hf
+        from timm.models import save_for_hf  # deferred: timm (optional extra)
 
 
         with atomic_dir(out_dir, replace=overwrite) as tmp:

@@ -27,6 +27,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from typing_extensions import override
 
 from lgframe.errors import LgframeError
@@ -126,13 +132,6 @@ class ShardedStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if path.is_file():
             return super().load_checkpoint(path, weights_only=True)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
-
         read_dcp_metadata(path)  # refuses a crafted .metadata before torch sees the folder
         meta = load_checkpoint(path / "meta.pt")
         module = self.model

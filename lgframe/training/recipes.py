@@ -9,6 +9,7 @@ or `constraint: {name: svd, rank: 16}`.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -271,8 +272,6 @@ def _yaml_value(v) -> str:
     if v is None:
         return "null"
     if isinstance(v, (dict, list)):
-        import json
-
         return json.dumps(v)  # JSON is YAML: OmegaConf parses it back to the same structure
     return str(v)
 

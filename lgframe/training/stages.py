@@ -471,7 +471,7 @@ def to_pixels(task: DiffusionTask, x: torch.Tensor) -> torch.Tensor:
 
 def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, progress: bool = False, **kw) -> Path:
     """n samples, one class per column, as a PNG grid."""
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # deferred: torchvision (image grids only)
 
     k = task.model.config.num_classes
     imgs = to_pixels(task, task.sample(torch.arange(n) % k, progress=progress, **kw))
@@ -518,10 +518,10 @@ def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: st
 
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], out: str | os.PathLike, ylabel: str, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib (plots only)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib (plots only)
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for name, curve in curves.items():
