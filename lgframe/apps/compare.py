@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lgframe.apps.report import markdown_table
+from lgframe.apps.stats import steps_to_reach  # noqa: F401 (also lgframe.apps.compare.steps_to_reach)
 from lgframe.core.constraint import TransformConstraint
 from lgframe.core.registry import constraint_class, constraint_names
 from lgframe.formats.checkpoints import load_checkpoint
@@ -39,15 +40,6 @@ from lgframe.formats.files import atomic_path, write_json, write_text
 from lgframe.models.registry import parse_size
 from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import RunResult, evaluate, extract_learngene_file, fit, load_task, plot_curves, read_curve
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float, higher: bool = False) -> int | None:
-    """First step whose value is at or below `target` (at or above it with
-    `higher`, e.g. accuracy); None: never."""
-    for step, v in curve:
-        if (v >= target) if higher else (v <= target):
-            return step
-    return None
 
 
 def quality_key(task: str) -> tuple[str, bool]:
