@@ -69,9 +69,11 @@ def cmd_list(args) -> int:
     t = Table(title="recipes")
     t.add_column("name")
     t.add_column("command")
-    for r in shipped_recipes():
+    recipes = shipped_recipes()
+    extra = sorted(recipes[0].parent.glob("*/*.yaml")) if recipes else []  # e.g. weightspace/ (its own schema)
+    for r in recipes + extra:
         first = r.read_text().splitlines()[0].lstrip("# ").strip()
-        t.add_row(r.name, first)
+        t.add_row(str(r.relative_to(r.parents[1] if r in extra else r.parent)), first)
     con.print(t)
     return 0
 

@@ -56,3 +56,21 @@ def test_bad_yaml_files(tmp_path):
         load_recipe(p)
     with pytest.raises(LgframeError, match="does not exist. Shipped recipes: .*dit_digits_descend"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+WEIGHTSPACE = sorted((shipped_recipes()[0].parent / "weightspace").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", WEIGHTSPACE, ids=lambda p: p.name)
+def test_every_weightspace_recipe_validates_and_names_its_command(path):
+    from lgframe.apps.weightspace import load_cfg
+
+    c = load_cfg(str(path), [])
+    assert path.read_text().splitlines()[0].startswith("# lgframe weightspace fit")
+    assert c.n > 0 and c.repr in ("mlora", "lora", "full")
+    with pytest.raises(LgframeError, match="valid keys"):
+        load_cfg(str(path), ["no_such_key=1"])
+
+
+def test_there_is_a_weightspace_recipe():
+    assert WEIGHTSPACE
