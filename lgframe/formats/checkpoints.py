@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what dcp_to_torch_save uses
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # what torch's DCP-to-file converter uses
 
 from lgframe.errors import LgframeError
 from lgframe.formats.files import require_file
@@ -32,7 +32,7 @@ TORCH_ADVICE = re.compile(r"\s*(Please file an issue|In PyTorch 2\.6|Re-running 
 
 def _torch_load_reason(e: BaseException) -> str:
     """Why torch refused a file, in a sentence, without its advice to re-run with
-    weights_only=False (lgframe never does: that would run the file's code)."""
+    the weights-only guard off (lgframe never does: that would run the file's code)."""
     text = str(e).strip()
     if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
         return f"it asks for '{m.group(1)}', which is code or a class, not tensor data"
@@ -149,7 +149,7 @@ def load_distributed_checkpoint(path: Path) -> dict:
         raise LgframeError(f"'{path}' is a directory but not an lgframe distributed checkpoint (no meta.pt).")
     read_dcp_metadata(path)
     ckpt = load_checkpoint(path / "meta.pt")
-    # What torch's own dcp_to_torch_save does, with the safe reader and planner (dcp.load
+    # What torch's own DCP-to-file converter does, with the safe reader and planner (dcp.load
     # would not fill an empty dict: it copies back only Stateful entries).
     reader, _, empty = _safe_dcp_classes()
     state: dict = {}
