@@ -1,6 +1,6 @@
 """Init quality of every learngene method against scratch and Weight Selection.
 
-Runs `lgframe compare` (lgframe/compare.py) for the DiT (quality: validation
+Runs `lgframe compare` (lgframe/apps/compare.py) for the DiT (quality: validation
 loss) and the ViT (quality: validation accuracy) on digits, descendants one
 size smaller and one larger than the ancestor, and reports per method: quality
 at step 0 and at the end (mean, spread over seeds), steps to reach scratch's

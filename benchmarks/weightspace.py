@@ -6,7 +6,7 @@ each: reconstruction PSNR of the per-item fits; test accuracy of an MLP
 classifier on the weight vectors (80/20 split); generation by a DiT over the
 weight tokens (20 samples per class, the recipe's tokens: whitened principal
 components), rendered and scored with the digits FID and class accuracy
-(lgframe.metrics, at 8x8) and the RMS distance to the nearest training image.
+(lgframe.training.metrics, at 8x8) and the RMS distance to the nearest training image.
 Two references per representation: the training items themselves (rendered
 fits, the ceiling) and a class-conditional diagonal Gaussian over the same
 tokens (what knowing only each class's mean and spread gives; a generator that

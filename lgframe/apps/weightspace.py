@@ -600,7 +600,7 @@ def nearest_distance(fake: torch.Tensor, real: torch.Tensor) -> float:
 
 
 def score_digits(fake: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> dict:
-    """Digits FID and class accuracy (lgframe.metrics' digits classifier, at 8x8) and NN distance."""
+    """Digits FID and class accuracy (lgframe.training.metrics' digits classifier, at 8x8) and NN distance."""
 
     small = F.interpolate(fake, size=(8, 8), mode="area")
     real_small = F.interpolate(real, size=(8, 8), mode="area")

@@ -11,7 +11,7 @@ And the user's own images:
   names are the labels), resized/cropped to ``image_size`` with ``channels``
   1 or 3, held in memory;
 * ``latents``: a folder written by ``lgframe encode`` (VAE latents, see
-  lgframe/latents.py), for a latent DiT.
+  lgframe/data/latents.py), for a latent DiT.
 
 Batches are ``(images, labels)``: float32 (B, C, H, W) and int64 (B,).
 """

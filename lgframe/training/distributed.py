@@ -8,7 +8,7 @@ gloo. Two things differ from Lightning's own strategy:
 * **Loading reads no pickle from the folder.** Lightning hands the folder to
   `torch.distributed.checkpoint.load`, whose reader unpickles `.metadata` and
   whose planner unpickles byte items without the weights-only guard; here both go
-  through lgframe's allow-list reader and planner (lgframe/io.py), and
+  through lgframe's allow-list reader and planner (lgframe/formats/checkpoints.py), and
   `meta.pt` loads with `weights_only=True`.
 * **Saving is atomic.** Every rank writes its shard into `.NAME.partial` beside
   the target; once all have finished, rank 0 marks it complete, moves the

@@ -153,7 +153,7 @@ class CompareCfg:
 
 @dataclass
 class PersonalizeCfg:
-    """`lgframe personalize`: DiT-BlockSkip LoRA personalization (see lgframe/personalize.py)."""
+    """`lgframe personalize`: DiT-BlockSkip LoRA personalization (see lgframe/apps/personalize.py)."""
 
     base: Optional[str] = None  # pretrained DiT: model file or checkpoint
     subject: str = "shapes:3"  # shapes:K (generated shapes of class K) or a folder of images

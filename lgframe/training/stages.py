@@ -455,7 +455,7 @@ def sampling_kwargs(guidance: float | None = None, steps: int | None = None, sch
 
 
 def to_pixels(task: DiffusionTask, x: torch.Tensor) -> torch.Tensor:
-    """A latent DiT's samples decoded through its VAE (see lgframe/latents.py); pixel
+    """A latent DiT's samples decoded through its VAE (see lgframe/data/latents.py); pixel
     samples unchanged. Without the VAE folder, a warning and the latents' first
     channels (one, or three) scaled to [-1, 1]."""
 
