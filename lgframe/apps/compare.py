@@ -55,7 +55,7 @@ def methods(cfg: DictConfig) -> list[str]:
     return [n for n in names if n != "scratch"]
 
 
-def _ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+def build_ancestors(cfg: DictConfig, out: Path, base: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
     """learngene path and the ancestor's final quality per constraint; one
     dense ancestor serves every transform constraint."""
     learngenes: dict[str, Path] = {}
@@ -129,7 +129,7 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     t0 = time.time()
     base = [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}", f"data.name={cfg.data.name}",
             "trainer.progress=" + str(cfg.trainer.progress).lower()]
-    learngenes, ancestor_finals = _ancestors(cfg, out, base)
+    learngenes, ancestor_finals = build_ancestors(cfg, out, base)
     data = c.descendant_data or cfg.data.name
     if data != cfg.data.name:
         ancestor_finals = {}  # another domain: the ancestor's quality on its own data is no target here
@@ -177,7 +177,8 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     return report
 
 
-def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: int = 25, seed: int = 0) -> Path:
+def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: int = 25, seed: int = 0,
+                guidance: float | None = None) -> Path:
     """One row of samples per method (classes 0..k-1, `per_class` each), the
     same noise and guidance for every row, as one PNG."""
     import matplotlib  # deferred: matplotlib (plots only)
@@ -190,7 +191,7 @@ def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: 
     for name, task in tasks.items():
         k = task.model.config.num_classes
         labels = torch.arange(k).repeat_interleave(per_class)
-        rows[name] = task.sample(labels, steps=steps, seed=seed)
+        rows[name] = task.sample(labels, steps=steps, seed=seed, guidance=guidance)
     n = len(next(iter(rows.values())))
     fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.32 + 1.2, len(rows) * 0.42 + 0.5), dpi=120, squeeze=False)
     for ax, (name, imgs) in zip(axes[:, 0], rows.items()):

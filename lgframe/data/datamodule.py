@@ -39,7 +39,7 @@ from lgframe.data.datasets import (
 )
 from lgframe.formats.latents import load_latents, read_latents_info
 
-DEFAULT_SIZES = {"imagefolder": 32, "animals": NATIVE_SIZE}  # data.image_size when it is not set
+DEFAULT_SIZES = {"imagefolder": 32, "animals": NATIVE_SIZE, "digits": 8, "shapes": 8}  # data.image_size when it is not set
 STRATIFIED = ("animals",)  # data split per class (the embedded sets keep their global permutation)
 
 
@@ -131,6 +131,7 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: int | None = None,
         channels: int = 3,
         crop: str = "center",
+        val_subset: int | None = None,
     ):
         super().__init__()
         if name not in DATA_NAMES:
@@ -156,6 +157,9 @@ class ImageDataModule(pl.LightningDataModule):
             raise DataError(f"train_fraction={train_fraction} must be in (0, 1]")
         if int(num_workers) < 0:
             raise DataError(f"num_workers={num_workers} must be >= 0")
+        if val_subset is not None and int(val_subset) < 1:
+            raise DataError(f"val_subset={val_subset} must be null (the whole validation split) or an integer >= 1")
+        self.val_subset = None if val_subset is None else int(val_subset)
         if name == "shapes" and int(shapes_n) < 2:
             raise DataError(f"shapes_n={shapes_n} must be >= 2 (one train and one val image)")
         self.name = name
@@ -188,7 +192,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def image_size(self) -> int:
-        if self.name in ("imagefolder", "animals"):
+        if self.name in ("imagefolder", "animals", "digits", "shapes"):
             return self.folder_image_size
         if self.name == "latents":
             return int(self.latents_info["latent_size"])
@@ -210,7 +214,10 @@ class ImageDataModule(pl.LightningDataModule):
     def load_arrays(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole data set: images (N, C, H, W), labels (N,)."""
         if self.name == "digits":
-            return load_digits_arrays()
+            x, y = load_digits_arrays()
+            if self.folder_image_size != 8:  # bilinear, as the animals' resize up
+                x = torch.nn.functional.interpolate(x, size=self.folder_image_size, mode="bilinear", align_corners=False)
+            return x, y
         if self.name == "animals":
             return load_animals_arrays(self.folder_image_size)
         if self.name == "imagefolder":
@@ -221,7 +228,7 @@ class ImageDataModule(pl.LightningDataModule):
             x, y, _ = load_latents(self.path)
             return x, y
         # A fixed seed like digits' fixed files: ``seed`` only changes the split.
-        return make_shapes(self.shapes_n, seed=SHAPES_SEED)
+        return make_shapes(self.shapes_n, seed=SHAPES_SEED, size=self.folder_image_size)
 
     def split_indices(self, n: int, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and val indices into ``n`` items, deterministic in ``seed``; stratified by
@@ -242,6 +249,11 @@ class ImageDataModule(pl.LightningDataModule):
             train_idx = torch.cat(train_parts)
             train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
             val_idx = torch.cat(val_parts).sort().values
+        if self.val_subset is not None and self.val_subset < len(val_idx):
+            # A fixed subset, the same for every run with this seed: a random draw
+            # from the validation split (stratified in expectation), kept in order.
+            pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(self.seed + 7919))
+            val_idx = val_idx[pick[: self.val_subset].sort().values]
         # perm is already random, so its first k are a random subset of the train split.
         k = max(round(len(train_idx) * self.train_fraction), min(self.batch_size, len(train_idx)))
         return train_idx[:k], val_idx

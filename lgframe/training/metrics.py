@@ -1,6 +1,7 @@
 """Sample-quality metrics that need no download.
 
-- A small digits classifier, trained once on the embedded digits (deterministic,
+- A small feature classifier per built-in data set and image size (digits,
+  shapes, animals), trained once on that data's training split (deterministic,
   seconds on a CPU) and cached in the user cache directory as safetensors with
   a SHA-256 beside it; a missing or corrupt cache is rebuilt.
 - FID through torchmetrics' `FrechetInceptionDistance` with that classifier's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from lgframe.errors import LgframeError
 from lgframe.formats.files import save_tensors, write_json
 
 CLASSIFIER_VERSION = 1
+log = logging.getLogger("lgframe")
 
 
 def cache_dir() -> Path:
@@ -39,8 +42,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+FEATURE_DATA = ("digits", "shapes", "animals")  # the data sets with a feature classifier
+
+
 class DigitsClassifier(nn.Module):
-    """(N, 1, 8, 8) in [-1, 1] -> logits (N, 10); `features` gives the 64-d penultimate layer."""
+    """(N, 1, S, S) in [-1, 1] -> logits (N, 10); `features` gives the 64-d penultimate
+    layer. Two convolutions, then an average pool to 4x4 (a no-op for 8x8 digits)."""
 
     num_features = 64
 
@@ -48,8 +55,8 @@ class DigitsClassifier(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.GELU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GELU(),  # 4x4
-            nn.Flatten(), nn.Linear(64 * 16, 64), nn.GELU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GELU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64 * 16, 64), nn.GELU(),
         )
         self.head = nn.Linear(64, 10)
 
@@ -60,9 +67,9 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _train_classifier(steps: int = 600) -> DigitsClassifier:
+def _train_classifier(data: str = "digits", image_size: int = 8, steps: int = 600) -> DigitsClassifier:
 
-    dm = ImageDataModule("digits", seed=0)
+    dm = ImageDataModule(data, seed=0, image_size=image_size)
     dm.setup()
     x, y = dm.train_set.tensors
     # enable_grad: the first use may come from inside a no_grad evaluation.
@@ -85,9 +92,18 @@ def _sha(path: Path) -> str:
 
 
 def digits_classifier() -> DigitsClassifier:
-    """The cached classifier; trained and cached on first use or when the cache is bad."""
+    """The cached 8x8 digits classifier; trained and cached on first use or when the cache is bad."""
+    return feature_classifier("digits", 8)
 
-    path = cache_dir() / f"digits_classifier_v{CLASSIFIER_VERSION}.safetensors"
+
+def feature_classifier(data: str = "digits", image_size: int = 8) -> DigitsClassifier:
+    """The cached classifier of a built-in data set at one image size; trained (a few
+    seconds to a minute, logged) and cached on first use or when the cache is bad."""
+    if data not in FEATURE_DATA:
+        raise LgframeError(f"no feature classifier for data '{data}'; FID and class accuracy exist for "
+                           f"{', '.join(FEATURE_DATA)}")
+    stem = "digits" if (data, image_size) == ("digits", 8) else f"{data}{image_size}"
+    path = cache_dir() / f"{stem}_classifier_v{CLASSIFIER_VERSION}.safetensors"
     sidecar = path.with_suffix(".json")
     model = DigitsClassifier()
     try:
@@ -97,8 +113,10 @@ def digits_classifier() -> DigitsClassifier:
         return model.eval()
     except Exception:  # missing, corrupt or changed: rebuild
         pass
-    model = _train_classifier()
-    save_tensors(path, dict(model.state_dict()), {"lgframe": "digits classifier"})
+    log.info("training the %s feature classifier (%dx%d) for FID and class accuracy, once; cached in %s",
+             data, image_size, image_size, path)
+    model = _train_classifier(data, image_size)
+    save_tensors(path, dict(model.state_dict()), {"lgframe": f"{data} classifier", "image_size": str(image_size)})
     write_json(sidecar, {"sha256": _sha(path), "version": CLASSIFIER_VERSION})
     for p in model.parameters():
         p.requires_grad_(False)
@@ -120,18 +138,19 @@ class DigitsFeatures(nn.Module):
         return self.classifier.features(x * 2 - 1)
 
 
-def digits_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two image sets (N, 1, 8, 8) in [-1, 1], in digits-classifier feature space."""
-    fid = FrechetInceptionDistance(feature=DigitsFeatures(digits_classifier()), normalize=True)
+def digits_fid(real: torch.Tensor, fake: torch.Tensor, data: str = "digits") -> float:
+    """FID between two image sets (N, 1, S, S) in [-1, 1], in the feature space of
+    `data`'s classifier at size S (digits by default)."""
+    fid = FrechetInceptionDistance(feature=DigitsFeatures(feature_classifier(data, real.shape[-1])), normalize=True)
     fid.update((real + 1) / 2, real=True)
     fid.update((fake + 1) / 2, real=False)
     return float(fid.compute())
 
 
 @torch.no_grad()
-def class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of images (in [-1, 1]) the digits classifier assigns to their label."""
-    return float((digits_classifier()(images).argmax(1) == labels).float().mean())
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, data: str = "digits") -> float:
+    """Share of images (in [-1, 1]) `data`'s classifier (digits by default) assigns to their label."""
+    return float((feature_classifier(data, images.shape[-1])(images).argmax(1) == labels).float().mean())
 
 
 def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights: str | None) -> float:

@@ -53,7 +53,8 @@ class DataCfg:
     shuffle: bool = True  # false: the same global batches at any world size (equivalence checks)
     classes: Optional[list[int]] = None  # keep only these labels (e.g. fine-tuning on a subset)
     path: Optional[str] = None  # imagefolder: one subfolder per class; latents: a folder from `lgframe encode`
-    image_size: Optional[int] = None  # imagefolder (default 32): side after resize/crop; animals: 28 (native), 16, 32
+    image_size: Optional[int] = None  # imagefolder (default 32): side after resize/crop; animals: 28 (native), 16, 32; digits, shapes: 8 (native) or any by resize / drawing
+    val_subset: Optional[int] = None  # validate on a fixed random subset of this many validation images (null: all)
     channels: int = 3  # imagefolder: 1 (grayscale) or 3 (RGB)
     crop: str = "center"  # imagefolder: center (short side, then centre crop) | resize (square, aspect not kept)
     vae: Optional[str] = None  # latents: local AutoencoderKL folder for decoding samples (default: the one encode used)
@@ -399,6 +400,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
     "data.image_size": (lambda v: v is None or v >= 1, "null (the data set's own) or an integer >= 1"),
+    "data.val_subset": (lambda v: v is None or v >= 1, "null (the whole validation split) or an integer >= 1"),
     "compare.steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.ancestor_steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.seeds": (lambda v: len(v) >= 1, "a non-empty list of seeds"),

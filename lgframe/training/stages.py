@@ -37,7 +37,7 @@ from lgframe.models.files import CONSOLIDATED, build_model, model_meta, read_mod
 from lgframe.models.registry import model_from_config, parse_size, resolve_config
 from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
 from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
-from lgframe.training.metrics import class_accuracy, digits_fid, inception_fid
+from lgframe.training.metrics import FEATURE_DATA, class_accuracy, digits_fid, inception_fid
 from lgframe.training.recipes import constraint_spec, load_recipe, to_plain, validate
 from lgframe.training.rundir import RunLock, remove_partial_files, resolve_run_dir, unique_dir  # noqa: F401 (unique_dir: API)
 from lgframe.training.tasks import DiffusionTask, LgTask, make_task
@@ -483,9 +483,10 @@ def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, 
 
 @torch.no_grad()
 def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: str | None = None, **kw) -> dict:
-    """Validation loss (and accuracy for a ViT) on the data split; for a DiT on digits
-    also FID (digits-classifier features) of `n_samples` generated images against
-    the training images, and their class accuracy; `kw` as in `sampling_kwargs`."""
+    """Validation loss (and accuracy for a ViT) on the data split; for a DiT on digits,
+    shapes or animals also FID (`fid_<data>`, in that data's classifier features) of
+    `n_samples` generated images against the training images, and their class
+    accuracy; `kw` as in `sampling_kwargs`."""
     dm = build_datamodule(data_cfg)
     dm.setup("validate")
     task.eval()
@@ -504,12 +505,12 @@ def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: st
     if not isinstance(task, DiffusionTask):
         out["val_acc"] = correct / count
         return out
-    if n_samples and data_cfg.name == "digits":
-
+    if n_samples and data_cfg.name in FEATURE_DATA:
         labels = torch.arange(n_samples) % task.model.config.num_classes
         fake = task.sample(labels, **kw)
         real = dm.train_set.tensors[0]
-        out |= {"fid_digits": digits_fid(real, fake), "class_accuracy": class_accuracy(fake, labels), "samples": n_samples,
+        out |= {f"fid_{data_cfg.name}": digits_fid(real, fake, data_cfg.name),
+                "class_accuracy": class_accuracy(fake, labels, data_cfg.name), "samples": n_samples,
                 "guidance": kw.get("guidance") if kw.get("guidance") is not None else task.recipe["sample"]["guidance"],
                 "uncond_from": "own" if kw.get("uncond_model") is None else "swapped"}
         if inception_weights:
