@@ -11,7 +11,7 @@ Protocol (DESIGN.md's benchmark protocol, completed; every number below is an op
   and kind each trained under their constraint; one dense ancestor shared by
   dct, dwt and select. Each ancestor's own final quality is reported (the cost
   of pre-training under a constraint).
-- Descendants one size smaller (depth 3, width 48) and one larger (depth 6,
+- Descendants one size smaller (depth 3, width 32) and one larger (depth 6,
   width 96) than the ancestor: depth and width both change. Every method plus
   scratch, the same seeds, data order and budget, validated every
   `steps / 20` steps (21 points per curve).
@@ -36,7 +36,7 @@ Protocol (DESIGN.md's benchmark protocol, completed; every number below is an op
     python benchmarks/proof.py --report                      # tables and plots from what is there
     python benchmarks/proof.py --quick --out DIR             # svd, select, scratch; 1 seed; tiny (the tests)
 
-Runs live in `--work` (default benchmarks/.work/proof): a stopped benchmark
+Runs live in `--work` (default benchmarks/.work, under proof/): a stopped benchmark
 continues where it was, finished runs and evaluations are reused. Writes
 benchmarks/results/proof_<family>.json, proof.json (both families, summary),
 proof_curves.png, proof_ratios.png, proof_samples_<setting>_<size>.png and
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from lgframe.apps.compare import build_ancestors, fit_or_reuse, sample_rows, size_tag
+from lgframe.apps.compare import build_ancestors, fit_or_reuse, sample_rows
 from lgframe.apps.report import markdown_table
 from lgframe.apps.stats import area_under_curve, ratio_interval, steps_to_reach, t_interval, verdict
 from lgframe.data.datamodule import build_datamodule
@@ -79,7 +79,7 @@ def protocol(quick: bool) -> dict:
                 "sizes": {"smaller": "depth=2 width=16 heads=2", "larger": "depth=3 width=48 heads=2"},
                 "steps": 10, "points": 5, "batch": 32, "val_subset": 64, "fid_samples": 20, "sample_steps": 4}
     return {"image_size": 16, "patch": 4, "ancestor": "depth=4 width=64 heads=2", "ancestor_steps": 1500,
-            "sizes": {"smaller": "depth=3 width=48 heads=2", "larger": "depth=6 width=96 heads=3"},
+            "sizes": {"smaller": "depth=3 width=32 heads=2", "larger": "depth=6 width=96 heads=3"},
             "steps": 240, "points": 20, "batch": 64, "val_subset": 256, "fid_samples": 200, "sample_steps": 20}
 
 
@@ -311,7 +311,7 @@ def verdict_table(summary: dict) -> list[str]:
         methods = [m for m in next(iter(next(iter(settings.values())).values())) if m not in ("select",)]
         for m in methods:
             cells = [f"{family} {m}"]
-            for setting, sizes in settings.items():
+            for sizes in settings.values():
                 parts = []
                 for size, cell in sizes.items():
                     e = cell[m]
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated learngene methods")
     ap.add_argument("--no-samples", action="store_true", help="skip the DiT's FID and sample grids")
-    ap.add_argument("--work", default=str(HERE / ".work" / "proof"), help="folder of the runs (kept: resumable)")
+    ap.add_argument("--work", default=str(HERE / ".work"), help="folder of the runs (kept: resumable)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 per process on a small machine)")
     ap.add_argument("--progress", action="store_true", help="Lightning progress bars per run")

@@ -51,13 +51,21 @@ def cmd_list(args) -> int:
     from lgframe.models.vit import VIT_PATCHES, VIT_SIZES  # deferred: torch
     from lgframe.training.recipes import shipped_recipes  # deferred: torch, Lightning, diffusers
 
-    con = Console()
-    t = Table(title="constraints (constraint: NAME)")
+    import dataclasses  # deferred: list only
+
+    # never cut at 80 columns: a pipe or a narrow terminal gets the full table, wrapped
+    con = Console(width=max(Console().width, 160))
+    t = Table(title="constraints (constraint: {name: NAME, OPTION: VALUE, ...})")
     t.add_column("name")
     t.add_column("what")
+    t.add_column("options (defaults)")
     for n in constraint_names():
-        doc = (constraint_class(n).__module__ and sys.modules[constraint_class(n).__module__].__doc__ or "").strip()
-        t.add_row(n, " ".join(doc.split("\n\n")[0].split()) if doc else "")
+        cls = constraint_class(n)
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip()
+        opts = cls().options
+        fields = dataclasses.fields(opts) if dataclasses.is_dataclass(opts) else []
+        t.add_row(n, " ".join(doc.split("\n\n")[0].split()) if doc else "",
+                  ", ".join(f"{f.name}={getattr(opts, f.name)!r}" for f in fields))
     con.print(t)
     t = Table(title="model sizes (model.name: NAME/PATCH)")
     for c in ("name", "patches", "depth", "width", "heads"):
@@ -190,6 +198,14 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _data_overrides(own: dict, name: str) -> list[tuple[str, object]]:
+    """`data.*` overrides: the recipe's own data section when it names `name`, else just the name."""
+    if own.get("name") != name:
+        return [("data.name", name)]
+    keep = ("name", "image_size", "val_fraction", "seed", "path", "channels", "crop", "val_subset")
+    return [(f"data.{k}", "null" if own[k] is None else own[k]) for k in keep if k in own]
+
+
 def cmd_evaluate(args) -> int:
     from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
     from lgframe.training.stages import evaluate, load_task  # deferred: torch, Lightning, diffusers
@@ -200,7 +216,13 @@ def cmd_evaluate(args) -> int:
         raise LgframeError(f"--n {args.n}: the number of generated samples must be 0 (none) or more")
     _check_sampling_args(args)
     task = load_task(args.checkpoint)
-    data = load_recipe(None, [f"data.name={args.data}"]).data
+    own = dict(getattr(task, "recipe", {}).get("data") or {})
+    name = args.data or own.get("name") or "digits"
+    # the model's own data settings (image size, split) where it is evaluated on its own data
+    data = load_recipe(None, [f"{k}={v}" for k, v in _data_overrides(own, name)]).data
+    if args.n and isinstance(args.n, int) and args.n < 1000 and task.model.config.family == "dit":
+        print(f"note: FID from {args.n} samples is biased upward and noisy; compare models at the same --n "
+              "(1000 or more for a stable value)", file=sys.stderr)
     res = evaluate(task, data, n_samples=args.n, inception_weights=args.inception_weights, **_sample_kw(args))
     print(json.dumps(res, indent=2))
     if args.out:
@@ -403,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="validation loss, accuracy (ViT), FID and class accuracy of samples (DiT)")
     s.add_argument("checkpoint")
-    s.add_argument("--data", default="digits", help="digits | shapes")
-    s.add_argument("--n", type=int, default=500, help="generated samples for FID and class accuracy (0: none)")
+    s.add_argument("--data", default=None, help="digits | shapes | animals | ... (default: the model's own data)")
+    s.add_argument("--n", type=int, default=500, help="generated samples for FID and class accuracy (0: none; "
+                   "FID is biased at small counts: compare models at the same n)")
     s.add_argument("--inception-weights", default=None, help="local Inception weights file for Inception FID")
     _add_sampling_args(s)
     s.add_argument("--out", default=None, help="also write the numbers to this JSON file")

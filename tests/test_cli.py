@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,12 +48,16 @@ def test_learngene_descend_train_sample_evaluate(pretrained, tmp_path, capsys):
     ckpt = tmp_path / "child/checkpoints/last.ckpt"
     png = tmp_path / "s.png"
     assert main(["sample", str(ckpt), "--n", "10", "--steps", "4", "--out", str(png)]) == 0
-    assert Image.open(png).size == (10 * 9 + 1, 9 + 1)  # 10 classes per row, 8px + 1px padding
+    # 10 classes per row; 8x8 samples enlarged 4x by nearest neighbour to 32px, 4px padding
+    img = Image.open(png)
+    assert img.size == (10 * 36 + 4, 36 + 4)
+    first = np.asarray(img.convert("L"))[4:36, 4:36]
+    assert (first == np.repeat(np.repeat(first[::4, ::4], 4, 0), 4, 1)).all()  # a pixel stays a pixel
     assert main(["sample", str(named), "--n", "10", "--steps", "4", "--guidance", "1", "--out", str(png), "--overwrite"]) == 0
     res = tmp_path / "eval.json"
     assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--out", str(res)]) == 0
     numbers = json.loads(res.read_text())
-    assert 0 < numbers["val_loss"] < 2 and numbers["n"] > 300
+    assert 0 < numbers["val_loss"] < 2 and numbers["val_images"] > 300
     assert numbers["fid_digits"] > 0 and 0 <= numbers["class_accuracy"] <= 1 and numbers["uncond_from"] == "own"
     assert main(["evaluate", str(ckpt), "--n", "60", "--steps", "5", "--guidance", "3", "--uncond-from", str(named),
                  "--scheduler", "dpm", "--out", str(res), "--overwrite"]) == 0

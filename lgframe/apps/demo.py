@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from lgframe.apps.compare import steps_to_reach
 from lgframe.apps.report import markdown_table
 from lgframe.core.registry import constraint_class
@@ -30,6 +32,24 @@ def _fmt_steps(s: int | None) -> str:
     return "not reached" if s is None else str(s)
 
 
+def sample_quality(runs: dict[str, RunResult], n: int = 300, steps: int = 25) -> dict:
+    """Digits FID and class accuracy of each model's samples and of real held-apart digits."""
+    from lgframe.data.datamodule import ImageDataModule  # deferred: torch
+    from lgframe.training.metrics import class_accuracy, digits_fid  # deferred: torch, torchmetrics
+
+    dm = ImageDataModule("digits", seed=0)
+    dm.setup()
+    (train, _), (val, val_y) = dm.train_set.tensors, dm.val_set.tensors
+    n = min(n, len(val))
+    rows = [["real held-apart digits", "—", f"{digits_fid(train, val[:n]):.1f}", f"{class_accuracy(val[:n], val_y[:n]):.3f}"]]
+    for name, r in runs.items():
+        g = r.task.recipe["sample"]["guidance"]
+        labels = torch.arange(n) % r.task.model.config.num_classes
+        fake = r.task.sample(labels, steps=steps, seed=0)
+        rows.append([name, f"{g:g}", f"{digits_fid(train, fake):.1f}", f"{class_accuracy(fake, labels):.3f}"])
+    return {"rows": rows, "n": n, "steps": steps}
+
+
 def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0, constraint: str = "svd",
              overrides: list[str] | None = None) -> Path:
     """`overrides` (key=value) apply to every run, e.g. sample.n=10 for a fast check."""
@@ -38,7 +58,9 @@ def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int
     t0 = time.time()
     cname = constraint_class(constraint).name  # an unknown name fails here, before any training
     common = [f"out_dir={out}", f"seed={seed}", *(overrides or [])]
-    anc = fit(load_recipe("dit_digits_pretrain", common + ["name=ancestor", f"trainer.max_steps={steps}", f"constraint={cname}"]))
+    total = 1 + 2 * len(SIZES)
+    anc = fit(load_recipe("dit_digits_pretrain", common + ["name=ancestor", f"trainer.max_steps={steps}", f"constraint={cname}"]),
+              label=f"run 1/{total}: ancestor DiT-Nano/2 under {cname}")
     lg = Learngene.load(anc.learngene)
     anc_bytes = sum(p.numel() * p.element_size() for p in anc.task.model.parameters())
     val_every = max(10, descendant_steps // 10)
@@ -46,13 +68,18 @@ def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int
     for label, size in SIZES.items():
         base = common + [f"model.name={size}", f"trainer.max_steps={descendant_steps}", f"trainer.val_every={val_every}",
                          f"init.unfreeze_at={descendant_steps // 2}"]
+        i = 2 + 2 * list(SIZES).index(label)
         runs[label] = {
             f"{cname} descendant": fit(load_recipe("dit_digits_descend", base + [
-                f"name={label}_{cname}", f"constraint={cname}", f"init.source={anc.learngene}"])),
-            "scratch": fit(load_recipe("dit_digits_descend", base + [f"name={label}_scratch", "constraint=scratch"])),
+                f"name={label}_{cname}", f"constraint={cname}", f"init.source={anc.learngene}"]),
+                label=f"run {i}/{total}: {size} descendant from the {cname} learngene"),
+            "scratch": fit(load_recipe("dit_digits_descend", base + [f"name={label}_scratch", "constraint=scratch"]),
+                           label=f"run {i + 1}/{total}: {size} from scratch"),
         }
         plot_curves({k: r.curve for k, r in runs[label].items()}, out / f"loss_{label}.png", "validation loss",
                     f"{size}: {cname} descendant vs scratch")
+    quality = sample_quality({"ancestor": anc, **{f"{SIZES[label]} {kind}": r for label, pair in runs.items()
+                                                   for kind, r in pair.items()}})
     wall = time.time() - t0
 
     rows = []
@@ -93,9 +120,29 @@ validation checks every {val_every} steps (0 = already there at initialization).
 
 ![smaller](loss_smaller.png) ![larger](loss_larger.png)
 
-## Samples (one class per column, CFG scale 2)
+Why the descendant has fewer parameters than scratch at the same size: its
+constrained layers keep the learngene's shared factors (for svd, one U and V per
+role for all layers, with per-layer singular values), where scratch has a full
+matrix per layer. Why every fresh model starts at loss about 1.0: the task
+predicts the added noise, whose variance is 1, and an untrained model predicts
+about 0; a descendant starts below 1 because it already knows something.
 
-ancestor: ![ancestor]({anc.samples.relative_to(out)})
+## Sample quality
+
+Digits FID (digits-classifier features, lower is better) and class accuracy
+(share of samples the digits classifier reads as the class they were drawn
+for) of {quality["n"]} samples per model ({quality["steps"]} sampler steps, each
+model's recipe guidance), next to the same numbers for {quality["n"]} real
+held-apart digits (the validation split) against the training split. FID from a
+few hundred samples is biased upward: compare the rows with each other, not
+with published figures.
+
+{chr(10).join(markdown_table(["images", "guidance", "FID (digits)", "class accuracy"], quality["rows"]))}
+
+## Samples
+
+One class per column; the first row is real validation digits, then a grey
+row, then the model's samples. Ancestor: ![ancestor]({anc.samples.relative_to(out)})
 
 """ + "\n".join(
         f"{SIZES[label]} {kind}: ![{label} {kind}]({r.samples.relative_to(out)})\n"

@@ -113,7 +113,7 @@ def feature_classifier(data: str = "digits", image_size: int = 8) -> DigitsClass
         return model.eval()
     except Exception:  # missing, corrupt or changed: rebuild
         pass
-    log.info("training the %s feature classifier (%dx%d) for FID and class accuracy, once; cached in %s",
+    log.warning("first use: training the %s feature classifier (%dx%d) for FID and class accuracy (under a minute; cached in %s)",
              data, image_size, image_size, path)
     model = _train_classifier(data, image_size)
     save_tensors(path, dict(model.state_dict()), {"lgframe": f"{data} classifier", "image_size": str(image_size)})

@@ -38,6 +38,7 @@ from lgframe.models.registry import model_from_config, parse_size, resolve_confi
 from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
 from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
 from lgframe.training.metrics import FEATURE_DATA, class_accuracy, digits_fid, inception_fid
+from lgframe.training.progress import StepProgressBar
 from lgframe.training.recipes import constraint_spec, load_recipe, to_plain, validate
 from lgframe.training.rundir import RunLock, remove_partial_files, resolve_run_dir, unique_dir  # noqa: F401 (unique_dir: API)
 from lgframe.training.tasks import DiffusionTask, LgTask, make_task
@@ -268,8 +269,9 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
 
 
 def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None,
-        model: nn.Module | None = None) -> RunResult:
+        model: nn.Module | None = None, label: str | None = None) -> RunResult:
     """Train the recipe's model; writes a run directory and returns its curves.
+    `label` names the stage on the progress bar (e.g. "ancestor 1/5: DiT-Nano/2 under svd").
 
     Everything that can be checked is checked before the run folder is created or
     changed: the recipe (every key and range), the init source, the teacher, the
@@ -310,10 +312,11 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     task = make_task(recipe, model, mode)
     uncond = sampling_kwargs(uncond_from=cfg.sample.uncond_from) if isinstance(task, DiffusionTask) else {}
     with RunLock(run_dir):
-        return _fit_in(cfg, task, dm, run_dir, resume, extract_learngene, recipe, uncond)
+        return _fit_in(cfg, task, dm, run_dir, resume, extract_learngene, recipe, uncond, label)
 
 
-def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recipe: dict, uncond: dict) -> RunResult:
+def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recipe: dict, uncond: dict,
+            label: str | None = None) -> RunResult:
     t = cfg.trainer
     sharded = t.strategy == "fsdp"
     if rank_zero_only.rank == 0:
@@ -330,7 +333,7 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
         save_top_k=0,
         every_n_train_steps=t.checkpoint_every or None,
     )
-    callbacks: list = [ckpt_cb]
+    callbacks: list = [ckpt_cb] + ([StepProgressBar(label or cfg.name)] if t.progress else [])
     if cfg.ema.enabled and sharded:
         warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models", stacklevel=2)
     elif cfg.ema.enabled:
@@ -377,7 +380,8 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
         if isinstance(task, DiffusionTask) and cfg.sample.n > 0:  # sample.n=0: no sample grid
             result.samples = run_dir / "samples.png"
             sampler = task if not sharded else make_task(recipe, model)
-            save_sample_grid(sampler, result.samples, n=cfg.sample.n, **uncond)
+            save_sample_grid(sampler, result.samples, n=cfg.sample.n, real=real_row(dm, model.config.num_classes),
+                             **uncond)
     return result
 
 
@@ -469,16 +473,36 @@ def to_pixels(task: DiffusionTask, x: torch.Tensor) -> torch.Tensor:
     return x / x.abs().amax().clamp_min(1e-8)
 
 
-def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, progress: bool = False, **kw) -> Path:
-    """n samples, one class per column, as a PNG grid."""
+def save_sample_grid(task: DiffusionTask, out: str | os.PathLike, n: int = 100, progress: bool = False,
+                     real: torch.Tensor | None = None, min_pixels: int = 32, **kw) -> Path:
+    """n samples, one class per column, as a PNG grid; `real` (one image per class)
+    becomes a first row, set apart by a gap. Images smaller than `min_pixels` are
+    enlarged by nearest neighbour (a pixel stays a pixel), so 8x8 digits are visible."""
     from torchvision.utils import save_image  # deferred: torchvision (image grids only)
 
     k = task.model.config.num_classes
     imgs = to_pixels(task, task.sample(torch.arange(n) % k, progress=progress, **kw))
+    if real is not None:
+        gap = torch.full((k, *imgs.shape[1:]), 0.0)  # a row of mid-grey between real and generated
+        imgs = torch.cat([real[:k].to(imgs).expand(-1, imgs.shape[1], -1, -1), gap, imgs])
+    scale = max(1, -(-min_pixels // imgs.shape[-1]))
+    if scale > 1:
+        imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
     out = Path(out)
     with atomic_path(out) as tmp:
-        save_image((imgs + 1) / 2, tmp, nrow=k, padding=1, pad_value=0.5, format="png")
+        save_image((imgs + 1) / 2, tmp, nrow=k, padding=scale, pad_value=0.5, format="png")
     return out
+
+
+def real_row(dm, k: int) -> torch.Tensor | None:
+    """The first validation image of each class 0..k-1 (None when a class is missing or the data is latent)."""
+    if dm.name == "latents" or dm.val_set is None:
+        return None
+    x, y = dm.val_set.tensors
+    firsts = [torch.nonzero(y == c).flatten() for c in range(k)]
+    if any(len(f) == 0 for f in firsts):
+        return None
+    return torch.stack([x[f[0]] for f in firsts])
 
 
 @torch.no_grad()
@@ -501,7 +525,7 @@ def evaluate(task: LgTask, data_cfg, n_samples: int = 500, inception_weights: st
             losses.append(torch.nn.functional.cross_entropy(logits, y, reduction="sum").item())
             correct += (logits.argmax(1) == y).sum().item()
         count += len(batch[0])
-    out: dict = {"val_loss": sum(losses) / count, "n": count}
+    out: dict = {"val_loss": sum(losses) / count, "val_images": count}
     if not isinstance(task, DiffusionTask):
         out["val_acc"] = correct / count
         return out
