@@ -166,7 +166,7 @@ def quality_curve(run, family: str) -> list[tuple[int, float]]:
 
 
 def run_family(family: str, settings: list[str], seeds: list[int], methods: list[str], p: dict, work: Path,
-               progress: bool, samples: bool, save=None) -> dict:
+               progress: bool, samples: bool | list[str], save=None) -> dict:
     """Every setting of one family; `save(result)` after each setting (a long run's partial results)."""
     t0 = time.time()
     by_data: dict[str, tuple[dict, dict]] = {}
@@ -179,6 +179,8 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
             lgs, finals = by_data[anc_data]
             out["ancestors"][anc_data] = {m: (finals[m] if family == "dit" else 1.0 - finals[m]) for m in finals}
         learngenes, finals = by_data[anc_data]
+        t_setting = time.time()
+        fid = samples if isinstance(samples, bool) else setting in samples
         cell_rows: dict = {}
         for size in p["sizes"]:
             rows: dict[str, list[dict]] = {}
@@ -189,10 +191,10 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
                     r = descendant_run(family, setting, size, method, seed, p, work, learngenes.get(method), progress)
                     runs[method] = r
                     row = {"seed": seed, "curve": quality_curve(r, family), "loss_curve": r.curve}
-                    if family == "dit" and samples:
+                    if family == "dit" and fid:
                         row |= sample_quality(r, desc_data, p)
                     rows.setdefault(method, []).append(row)
-                if family == "dit" and samples and seed == seeds[0]:
+                if family == "dit" and fid and seed == seeds[0]:
                     grid = work / family / f"samples_{setting}_{size}.png"
                     sample_rows({m: r.task for m, r in runs.items()}, grid,
                                 f"DiT {setting}, {size} descendant after {p['steps']} steps, guidance 1.5",
@@ -202,6 +204,7 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
             cell_rows[size] = summarize(rows, {m: (v if family == "dit" else 1.0 - v) for m, v in finals.items()}
                                         if same_data else {})
         out["settings"][setting] = cell_rows
+        out.setdefault("setting_seconds", {})[setting] = round(time.time() - t_setting, 1)
         out["wall_seconds"] = round(time.time() - t0, 1)
         if save:
             save(out)
@@ -308,7 +311,7 @@ def verdict_table(summary: dict) -> list[str]:
     """One row per method and family: win/tie/loss against select per setting (both sizes), with the AUC ratios."""
     rows = []
     for family, settings in summary.items():
-        methods = [m for m in next(iter(next(iter(settings.values())).values())) if m not in ("select",)]
+        methods = [m for m in next(iter(next(iter(settings.values())).values())) if m != "select"]
         for m in methods:
             cells = [f"{family} {m}"]
             for sizes in settings.values():
@@ -316,10 +319,10 @@ def verdict_table(summary: dict) -> list[str]:
                 for size, cell in sizes.items():
                     e = cell[m]
                     r = e.get("auc_ratio_to_select")
-                    parts.append(f"{size[0]}: {e.get('auc_verdict_vs_select', '—')} {r[0]:.2f}" if r else f"{size[0]}: —")
+                    parts.append(f"{size}: {e.get('auc_verdict_vs_select', '—')} {r[0]:.2f}" if r else f"{size}: —")
                 cells.append("; ".join(parts))
             rows.append(cells)
-    head = ["family method", *next(iter(summary.values())).keys()]
+    head = ["family method", *[f"{s} (AUC / select)" for s in next(iter(summary.values()))]]
     return markdown_table(head, rows)
 
 
@@ -403,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default="base,limited,shift", help=f"comma-separated: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated learngene methods")
-    ap.add_argument("--no-samples", action="store_true", help="skip the DiT's FID and sample grids")
+    ap.add_argument("--samples-in", default="base",
+                    help="settings in which the DiT's samples are scored (FID, guidance sweep, grids; comma-separated, "
+                    "'all' or 'none'; default base: sampling costs about as much as training on a CPU)")
     ap.add_argument("--work", default=str(HERE / ".work"), help="folder of the runs (kept: resumable)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 per process on a small machine)")
@@ -430,15 +435,26 @@ def main(argv: list[str] | None = None) -> None:
                     "quick": args.quick}
 
             def save(res, family=family, meta=meta):
-                write_json(out / f"{stem}_{family}.json", res | {"meta": meta})
+                path = out / f"{stem}_{family}.json"
+                old = json.loads(path.read_text()) if path.is_file() else {}
+                if old.get("meta", {}).get("protocol") == meta["protocol"]:  # settings run by another process stay
+                    seconds = old.get("setting_seconds") or {next(iter(old["settings"])): old.get("wall_seconds", 0)}
+                    seconds = seconds | res["setting_seconds"]
+                    res = res | {"settings": old["settings"] | res["settings"],
+                                 "ancestors": old["ancestors"] | res["ancestors"], "setting_seconds": seconds,
+                                 # processes that ran side by side: their sum, not the elapsed time
+                                 "wall_seconds": round(sum(seconds.values()), 1)}
+                    res = res | {"settings": {k: res["settings"][k] for k in SETTINGS if k in res["settings"]}}
+                write_json(path, res | {"meta": meta})
                 for setting in res["settings"]:  # the sample grids next to the results
                     for size in p["sizes"]:
                         grid = Path(args.work) / stem / family / f"samples_{setting}_{size}.png"
                         if grid.is_file():
                             (out / f"{stem}_samples_{setting}_{size}.png").write_bytes(grid.read_bytes())
 
+            scored = {"all": True, "none": False}.get(args.samples_in, args.samples_in.split(","))
             run_family(family, settings, seeds, methods, p, Path(args.work) / stem, args.progress,
-                       samples=not args.no_samples, save=save)
+                       samples=scored, save=save)
     found = {f: json.loads((out / f"{stem}_{f}.json").read_text()) for f in FAMILIES if (out / f"{stem}_{f}.json").is_file()}
     if found:
         md = report(out, found) if not args.quick else _quick_report(out, found)
