@@ -165,3 +165,26 @@ def test_build_datamodule():
     assert dm.shapes_n == 2000 and dm.drop_last  # defaults for keys the config lacks
     dm2 = build_datamodule(OmegaConf.structured(Cfg()))
     assert split(dm2)[0][0].shape == (750, 1, 8, 8) and torch.equal(split(dm)[0][0], split(dm2)[0][0])
+
+
+def test_val_subset_is_fixed_and_image_size_applies_to_digits_and_shapes():
+    from lgframe.data.datamodule import ImageDataModule
+    from lgframe.data.datasets import DataError
+
+    a = ImageDataModule("digits", val_subset=50, image_size=16)
+    b = ImageDataModule("digits", val_subset=50, image_size=16, train_fraction=0.5)
+    full = ImageDataModule("digits")
+    for dm in (a, b, full):
+        dm.setup()
+    xa, ya = a.val_set.tensors
+    assert xa.shape == (50, 1, 16, 16) and a.image_size == 16
+    assert torch.equal(xa, b.val_set.tensors[0])  # the same subset whatever the training fraction
+    # the subset is drawn from the validation split: each image is a resized validation image
+    small = torch.nn.functional.interpolate(full.val_set.tensors[0], size=16, mode="bilinear", align_corners=False)
+    assert all(any(torch.allclose(x, s) for s in small) for x in xa[:5])
+    assert len(set(ya.tolist())) >= 8  # a random draw, not the first classes
+    s = ImageDataModule("shapes", image_size=16)
+    s.setup()
+    assert s.train_set.tensors[0].shape[-2:] == (16, 16)
+    with pytest.raises(DataError, match="val_subset"):
+        ImageDataModule("digits", val_subset=0)
