@@ -43,6 +43,8 @@ def _overrides_help() -> str:
 
 
 def cmd_list(args) -> int:
+    import dataclasses  # deferred: list only
+
     from rich.console import Console  # deferred: rich's tables, for `list` only
     from rich.table import Table  # deferred: rich's tables, for `list` only
 
@@ -50,8 +52,6 @@ def cmd_list(args) -> int:
     from lgframe.models.dit import DIT_PATCHES, DIT_SIZES  # deferred: torch
     from lgframe.models.vit import VIT_PATCHES, VIT_SIZES  # deferred: torch
     from lgframe.training.recipes import shipped_recipes  # deferred: torch, Lightning, diffusers
-
-    import dataclasses  # deferred: list only
 
     # never cut at 80 columns: a pipe or a narrow terminal gets the full table, wrapped
     con = Console(width=max(Console().width, 160))
