@@ -308,21 +308,25 @@ def report(out: Path, families: dict) -> Path:
 
 
 def verdict_table(summary: dict) -> list[str]:
-    """One row per method and family: win/tie/loss against select per setting (both sizes), with the AUC ratios."""
+    """One row per family and method: against select, per setting and size, the verdict
+    and the AUC ratio (< 1: better than select), and the count of wins / ties / losses."""
     rows = []
+    settings_all = list(dict.fromkeys(s for f in summary.values() for s in f))
     for family, settings in summary.items():
         methods = [m for m in next(iter(next(iter(settings.values())).values())) if m != "select"]
         for m in methods:
-            cells = [f"{family} {m}"]
-            for sizes in settings.values():
+            cells, count = [f"{family.upper()} {m}"], {"win": 0, "tie": 0, "loss": 0}
+            for setting in settings_all:
                 parts = []
-                for size, cell in sizes.items():
+                for size, cell in settings.get(setting, {}).items():
                     e = cell[m]
-                    r = e.get("auc_ratio_to_select")
-                    parts.append(f"{size}: {e.get('auc_verdict_vs_select', '—')} {r[0]:.2f}" if r else f"{size}: —")
-                cells.append("; ".join(parts))
+                    r, v = e.get("auc_ratio_to_select"), e.get("auc_verdict_vs_select", "—")
+                    count[v] = count.get(v, 0) + 1
+                    parts.append(f"{size}: {v} {r[0]:.2f}" if r else f"{size}: —")
+                cells.append("; ".join(parts) or "not run")
+            cells.append(f"{count['win']} / {count['tie']} / {count['loss']}")
             rows.append(cells)
-    head = ["family method", *[f"{s} (AUC / select)" for s in next(iter(summary.values()))]]
+    head = ["method", *[f"{s}: verdict, AUC / select" for s in settings_all], "wins / ties / losses"]
     return markdown_table(head, rows)
 
 
