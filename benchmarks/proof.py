@@ -202,7 +202,7 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
                 del runs
             same_data = anc_data == desc_data
             cell_rows[size] = summarize(rows, {m: (v if family == "dit" else 1.0 - v) for m, v in finals.items()}
-                                        if same_data else {})
+                                        if same_data else {}, floor=0.0 if family == "dit" else 0.5 / p["val_subset"])
         out["settings"][setting] = cell_rows
         out.setdefault("setting_seconds", {})[setting] = round(time.time() - t_setting, 1)
         out["wall_seconds"] = round(time.time() - t0, 1)
@@ -211,8 +211,10 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
     return out
 
 
-def summarize(rows: dict[str, list[dict]], ancestor_final: dict[str, float]) -> dict:
-    """Per method: per-seed metrics, their means with 95% intervals, and ratios to select and scratch."""
+def summarize(rows: dict[str, list[dict]], ancestor_final: dict[str, float], floor: float = 0.0) -> dict:
+    """Per method: per-seed metrics, their means with 95% intervals, and ratios to select and scratch.
+    Ratios take max(value, `floor`): an error of 0 on N validation images is "under one
+    image" (floor 0.5 / N), not a ratio of 0 or infinity."""
     scratch, select = rows["scratch"], rows.get("select")
     out = {}
     for method, rs in rows.items():
@@ -239,7 +241,7 @@ def summarize(rows: dict[str, list[dict]], ancestor_final: dict[str, float]) -> 
             if ref is None or method == ref_name:
                 continue
             for k in ("auc", "final") + (("fid_best",) if "fid_best" in rs[0] else ()):
-                iv = ratio_interval([r[k] for r in rs], [r[k] for r in ref])
+                iv = ratio_interval([max(r[k], floor) for r in rs], [max(r[k], floor) for r in ref])
                 e[f"{k}_ratio_to_{ref_name}"] = iv
                 # one seed has no interval: no verdict
                 e[f"{k}_verdict_vs_{ref_name}"] = verdict(iv) if len(rs) > 1 else "n/a (1 seed)"
