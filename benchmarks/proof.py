@@ -54,10 +54,10 @@ from pathlib import Path
 import torch
 
 from lgframe.apps.compare import build_ancestors, fit_or_reuse, sample_rows
-from lgframe.apps.report import markdown_table
+from lgframe.apps.report import markdown_table, save_figure
 from lgframe.apps.stats import area_under_curve, ratio_interval, steps_to_reach, t_interval, verdict
 from lgframe.data.datamodule import build_datamodule
-from lgframe.formats.files import atomic_path, write_json, write_text
+from lgframe.formats.files import write_json, write_text
 from lgframe.models.registry import parse_size
 from lgframe.training.metrics import class_accuracy, digits_fid
 from lgframe.training.recipes import load_recipe
@@ -365,10 +365,7 @@ def plot_curves(res: dict, path: Path, family: str) -> None:
         ax.set_ylabel("validation loss" if family == "dit" else "validation error (1 - accuracy)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ratios(summary: dict, path: Path) -> None:
@@ -391,10 +388,7 @@ def plot_ratios(summary: dict, path: Path) -> None:
         ax.set_title(f"{family} {setting}", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _commit() -> str:
