@@ -113,11 +113,11 @@ def test_encode_train_and_sample_a_latent_dit(tmp_path):
     c = res.task.model.config
     assert (c.image_size, c.in_channels, c.num_classes) == (8, 4, 3)
     assert res.curve[-1][1] < res.curve[0][1]
-    # Samples decode through the VAE: 16x16 RGB images, 3 classes per row.
-    assert Image.open(res.samples).size == (3 * 17 + 1, 17 + 1)
+    # 16x16 decoded samples enlarged 2x by nearest neighbour to 32px, 2px padding
+    assert Image.open(res.samples).size == (3 * 34 + 2, 34 + 2)
     out = tmp_path / "s.png"
     assert main(["sample", str(res.checkpoint), "--n", "6", "--steps", "3", "--out", str(out)]) == 0
-    assert Image.open(out).size == (3 * 17 + 1, 2 * 17 + 1)
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)
 
 
 def test_latents_errors(tmp_path):
