@@ -143,5 +143,10 @@ def test_demo_takes_any_constraint(tmp_path):
              overrides=["sample.n=10", "sample.steps=4", "trainer.progress=false"])
     report = (tmp_path / "report.md").read_text()
     assert "under `kronecker`" in report and "| kronecker descendant |" in report
+    # sample quality beside real held-apart digits: the classifier reads the real ones
+    real = next(line for line in report.splitlines() if line.startswith("| real held-apart digits"))
+    fid, acc = (float(c) for c in real.strip("|").split("|")[2:4])
+    assert acc > 0.9 and 0 <= fid < 50, real
+    assert report.count("| DiT-") >= 4 + 4  # 4 trained descendants in the table and in the quality rows
     assert main(["demo", "--out", str(tmp_path / "x"), "--constraint", "kronekcer"]) == 1  # fails before training
     assert not (tmp_path / "x" / "ancestor").exists()
