@@ -76,8 +76,8 @@ def test_classifier_trains_inside_no_grad():
 
 def test_animals_classifier_reads_animals_and_unknown_data_is_refused(tmp_path, monkeypatch):
     """The animals feature classifier (FID features, class accuracy) learns the 16x16
-    silhouettes (100 steps here; the cached one trains 600 and reads 0.94 of the
-    validation split); data without a classifier is a clear error."""
+    silhouettes (100 steps here; the cached one trains 600 steps); data without a
+    classifier is a clear error."""
     from lgframe.data.datamodule import ImageDataModule
     from lgframe.errors import LgframeError
     from lgframe.training import metrics
