@@ -46,6 +46,7 @@ proof.md (the tables the README quotes).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import time
@@ -124,9 +125,11 @@ def descendant_run(family: str, setting: str, size: str, method: str, seed: int,
     return fit_or_reuse(load_recipe(desc_recipe, common))
 
 
-def _real_halves(data: str, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole validation split in two fixed halves: one chooses the guidance, one reports."""
-    dm = build_datamodule(load_recipe(None, data_overrides(p, data)[:2]).data)
+@functools.lru_cache(maxsize=4)
+def _real_halves(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole validation split in two fixed halves: one chooses the guidance, one reports
+    (read once per data set, not once per run)."""
+    dm = build_datamodule(load_recipe(None, [f"data.name={data}", f"data.image_size={image_size}"]).data)
     dm.setup()
     x = dm.val_set.tensors[0]
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
@@ -143,7 +146,7 @@ def sample_quality(run, data: str, p: dict) -> dict:
         old = json.loads(cache.read_text())
         if old.get("key") == key:
             return old["result"]
-    choose, report = _real_halves(data, p)
+    choose, report = _real_halves(data, p["image_size"])
     task = run.task
     task.eval()
     labels = torch.arange(p["fid_samples"]) % task.model.config.num_classes

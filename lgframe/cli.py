@@ -220,7 +220,7 @@ def cmd_evaluate(args) -> int:
     name = args.data or own.get("name") or "digits"
     # the model's own data settings (image size, split) where it is evaluated on its own data
     data = load_recipe(None, [f"{k}={v}" for k, v in _data_overrides(own, name)]).data
-    if args.n and isinstance(args.n, int) and args.n < 1000 and task.model.config.family == "dit":
+    if 0 < args.n < 1000 and task.model.config.family == "dit":
         print(f"note: FID from {args.n} samples is biased upward and noisy; compare models at the same --n "
               "(1000 or more for a stable value)", file=sys.stderr)
     res = evaluate(task, data, n_samples=args.n, inception_weights=args.inception_weights, **_sample_kw(args))
