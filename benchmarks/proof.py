@@ -208,6 +208,7 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
                                         if same_data else {}, floor=0.0 if family == "dit" else 0.5 / p["val_subset"])
         out["settings"][setting] = cell_rows
         out.setdefault("setting_seconds", {})[setting] = round(time.time() - t_setting, 1)
+        out.setdefault("setting_measured", {})[setting] = f"{time.strftime('%Y-%m-%d')} at {_commit()}"
         out["wall_seconds"] = round(time.time() - t0, 1)
         if save:
             save(out)
@@ -255,6 +256,14 @@ def summarize(rows: dict[str, list[dict]], ancestor_final: dict[str, float], flo
 
 
 # ------------------------------------------------------------------ report
+def _measured(res: dict) -> str:
+    """Date and commit per setting (settings may come from different runs), or the run's one date and commit."""
+    m = res.get("setting_measured")
+    if not m or len(set(m.values())) == 1:
+        return f"{res['meta']['date']} at commit {res['meta']['commit']}"
+    return "; ".join(f"{s} {v}" for s, v in m.items())
+
+
 def _iv(v, spec=".3f") -> str:
     if v is None:
         return "—"
@@ -273,8 +282,10 @@ def report(out: Path, families: dict) -> Path:
     for family, res in families.items():
         meta = res["meta"]
         lines += [f"## {family.upper()}: {meta['quality']} (lower is better)", "",
-                  f"Measured {meta['date']} at commit {meta['commit']}; {len(meta['seeds'])} seeds {meta['seeds']}; "
-                  f"wall time {res['wall_seconds']:.0f} s in one process. Protocol: {json.dumps(meta['protocol'])}", ""]
+                  f"Measured {_measured(res)}; {len(meta['seeds'])} seeds {meta['seeds']}; "
+                  f"wall time {res['wall_seconds']:.0f} s (the sum over settings: "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in res.get("setting_seconds", {}).items())
+                  + f"). Protocol: {json.dumps(meta['protocol'])}", ""]
         anc = res["ancestors"]
         lines += ["Ancestor final quality per constraint (same size and steps; dct, dwt and select share the dense "
                   "ancestor):", ""]
@@ -443,7 +454,9 @@ def main(argv: list[str] | None = None) -> None:
                 if old.get("meta", {}).get("protocol") == meta["protocol"]:  # settings run by another process stay
                     seconds = old.get("setting_seconds") or {next(iter(old["settings"])): old.get("wall_seconds", 0)}
                     seconds = seconds | res["setting_seconds"]
-                    res = res | {"settings": old["settings"] | res["settings"],
+                    measured = {s: f"{old['meta']['date']} at {old['meta']['commit']}" for s in old["settings"]}
+                    measured |= old.get("setting_measured", {}) | res["setting_measured"]
+                    res = res | {"settings": old["settings"] | res["settings"], "setting_measured": measured,
                                  "ancestors": old["ancestors"] | res["ancestors"], "setting_seconds": seconds,
                                  # processes that ran side by side: their sum, not the elapsed time
                                  "wall_seconds": round(sum(seconds.values()), 1)}
