@@ -67,27 +67,6 @@ def test_weightspace_quick(tmp_path):
     assert (tmp_path / "weightspace_quick.png").stat().st_size > 1000
 
 
-@pytest.mark.slow  # two compares (DiT and ViT), a few minutes: keeps the default run under 15 min
-def test_init_quality_quick(tmp_path):
-    run("init_quality.py", tmp_path)
-    d = json.loads((tmp_path / "init_quality_quick.json").read_text())["summary"]
-    assert set(d) == {"dit", "vit"}
-    for family, quality in (("dit", "val/loss"), ("vit", "val/acc")):
-        base = d[family]["base"]
-        assert base["quality"] == quality
-        (rows,) = base["sizes"].values()
-        assert set(rows) == {"scratch", "svd", "select"}
-        assert rows["select"]["ratio_to_select"] in (1.0, None)
-        for e in rows.values():
-            assert "ancestor_final" in e or e is rows["scratch"]
-            if family == "vit":
-                assert 0 <= e["initial_acc"] <= 1 and 0 <= e["final_acc"] <= 1
-    # a descendant of the DiT starts below scratch's untrained loss
-    rows = next(iter(d["dit"]["base"]["sizes"].values()))
-    assert rows["svd"]["initial"] < rows["scratch"]["initial"]
-    assert (tmp_path / "init_quality_quick.png").stat().st_size > 1000
-
-
 @pytest.mark.slow
 def test_kind_transfer_quick(tmp_path):
     run("kind_transfer.py", tmp_path)

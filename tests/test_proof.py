@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lgframe.apps.stats import area_under_curve
+from lgframe.apps.stats import area_under_curve, summarize
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -65,7 +65,7 @@ def _cell(factor_a: float, seeds=range(4)) -> dict:
         sel = _curves(0.8, 200 + s)
         rows["select"].append({"seed": s, "curve": sel})
         rows["a"].append({"seed": s, "curve": [(st, v * factor_a) for st, v in sel]})
-    return proof.summarize(rows, {})
+    return summarize(rows, {})
 
 
 def test_a_method_twice_as_good_wins_and_an_identical_one_ties():
@@ -90,7 +90,7 @@ def test_noise_alone_is_rarely_a_win():
         for s in range(3):
             for j, name in enumerate(rows):
                 rows[name].append({"seed": s, "curve": _curves(1.0, 10_000 * trial + 100 * j + s, noise=0.05)})
-        calls += proof.summarize(rows, {})["a"]["auc_verdict_vs_select"] != "tie"
+        calls += summarize(rows, {})["a"]["auc_verdict_vs_select"] != "tie"
     assert calls <= 20, calls  # 10%: twice the nominal rate
 
 

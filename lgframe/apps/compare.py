@@ -24,7 +24,6 @@ final DiT.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -32,12 +31,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lgframe.apps.report import markdown_table
-from lgframe.apps.stats import steps_to_reach  # noqa: F401 (also lgframe.apps.compare.steps_to_reach)
+from lgframe.apps.stats import steps_to_reach, summarize  # noqa: F401 (also lgframe.apps.compare.steps_to_reach)
 from lgframe.core.constraint import TransformConstraint
 from lgframe.core.registry import constraint_class, constraint_names
 from lgframe.formats.checkpoints import load_checkpoint
 from lgframe.formats.files import atomic_path, write_json, write_text
 from lgframe.models.registry import parse_size
+from lgframe.training.metrics import FEATURE_DATA
 from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import RunResult, evaluate, extract_learngene_file, fit, load_task, plot_curves, read_curve
 
@@ -122,19 +122,37 @@ def fit_or_reuse(cfg: DictConfig, load: bool = True) -> RunResult:
                      task=load_task(ckpt) if load else None)
 
 
+def _given(section: DictConfig, schema, skip: tuple[str, ...]) -> list[str]:
+    """`section.key=value` overrides for the keys the compare recipe sets away from the schema default."""
+    prefix = schema.__name__.removesuffix("Cfg").lower()
+    default = OmegaConf.structured(schema)
+    return [f"{prefix}.{k}={OmegaConf.to_yaml(v).strip() if isinstance(v, DictConfig) else v}"
+            for k, v in section.items() if k not in skip and v is not None and v != default.get(k)]
+
+
 def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
+    """Ancestors, then every learngene and scratch at every size and seed; writes
+    compare.json (per-seed curves, the summary with intervals) and report.md."""
+    from lgframe.training.recipes import DataCfg, ModelCfg  # the schema: what the recipe sets on purpose
+
     c = cfg.compare
     out = Path(cfg.out_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}", f"data.name={cfg.data.name}",
-            "trainer.progress=" + str(cfg.trainer.progress).lower()]
+    progress = "trainer.progress=" + str(cfg.trainer.progress).lower()
+    # data settings the compare recipe gives (size, validation subset, batch) apply to every run
+    data_given = _given(cfg.data, DataCfg, skip=("name", "train_fraction"))
+    base = [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}",
+            *_given(cfg.model, ModelCfg, skip=("name",)), f"data.name={cfg.data.name}", *data_given, progress,
+            f"trainer.val_every={max(1, c.ancestor_steps // c.points)}"]
     learngenes, ancestor_finals = build_ancestors(cfg, out, base)
     data = c.descendant_data or cfg.data.name
     if data != cfg.data.name:
         ancestor_finals = {}  # another domain: the ancestor's quality on its own data is no target here
-    key, higher = quality_key(cfg.task)
-    val_every = max(1, c.steps // 10)
+    _, higher = quality_key(cfg.task)
+    if higher:  # judged as the error 1 - accuracy: lower is better everywhere
+        ancestor_finals = {k: 1.0 - v for k, v in ancestor_finals.items()}
+    val_every = max(1, c.steps // c.points)
     results: dict[str, dict[str, list[dict]]] = {}
     for size in c.sizes:
         tag = size_tag(size)
@@ -142,22 +160,22 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
         for seed in c.seeds:
             common = [f"out_dir={out / 'runs'}", f"model.name={name_ or cfg.model.name}",
                       *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
-                      f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={data}",
-                      f"data.train_fraction={c.train_fraction}", "trainer.progress=" + str(cfg.trainer.progress).lower()]
+                      f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={data}", *data_given,
+                      f"data.train_fraction={c.train_fraction}", progress]
+            # phase 2 (the learngene unfrozen) for the second half unless the recipe says otherwise
+            common.append(f"init.unfreeze_at={c.steps // 2 if c.unfreeze_at is None else c.unfreeze_at}")
             runs = {"scratch": fit_or_reuse(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}",
                                                                                         "constraint=scratch"]))}
             for name, lg in learngenes.items():
                 runs[name] = fit_or_reuse(load_recipe(c.descendant_recipe, common + [
                     f"name={tag}_{name}_s{seed}", f"constraint={name}", f"init.source={lg}"]))
             for name, r in runs.items():
-                row = {"seed": seed, "curve": r.curve, "acc_curve": r.acc_curve, "initial": r.initial_loss,
-                       "final": r.final_loss}
-                if r.acc_curve:
-                    row |= {"initial_acc": r.acc_curve[0][1], "final_acc": r.acc_curve[-1][1]}
-                if cfg.task == "diffusion" and samples and data == "digits":
-                    row |= {k: v for k, v in evaluate(r.task, load_recipe(None, [f"data.name={data}"]).data,
-                                                      n_samples=samples, steps=25).items()
-                            if k in ("fid_digits", "class_accuracy")}
+                curve = [(s, 1.0 - a) for s, a in r.acc_curve] if higher else r.curve
+                row = {"seed": seed, "curve": curve, "loss_curve": r.curve}
+                if cfg.task == "diffusion" and samples and data in FEATURE_DATA:
+                    scores = evaluate(r.task, load_recipe(None, [f"data.name={data}", *data_given]).data,
+                                      n_samples=samples, steps=25)
+                    row |= {"fid": scores[f"fid_{data}"], "class_accuracy": scores["class_accuracy"]}
                 results.setdefault(size, {}).setdefault(name, []).append(row)
             plot_curves({n: r.curve for n, r in runs.items()}, out / f"loss_{tag}_s{seed}.png", "validation loss",
                         f"{size}, seed {seed}: descendants vs scratch")
@@ -166,14 +184,19 @@ def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
                             "validation accuracy", f"{size}, seed {seed}: descendants vs scratch")
             if cfg.task == "diffusion" and seed == c.seeds[0]:
                 sample_rows({n: r.task for n, r in runs.items()}, out / f"samples_{tag}.png", f"{size}, after {c.steps} steps")
-    summary = _summarize(results, higher, ancestor_finals)
-    write_json(out / "compare.json", {"summary": summary, "runs": results, "wall_seconds": round(time.time() - t0, 1),
-                                      "quality": key, "ancestor_final": ancestor_finals,
+    floor = 0.5 / cfg.data.val_subset if higher and cfg.data.val_subset else 0.0
+    summary = {size: summarize(rows, ancestor_finals, floor=floor, metrics=("fid", "class_accuracy"),
+                               ratio_metrics=("fid",))
+               for size, rows in results.items()}
+    wall = time.time() - t0
+    write_json(out / "compare.json", {"summary": summary, "wall_seconds": round(wall, 1),
+                                      "quality": "validation error (1 - accuracy)" if higher else "validation loss",
+                                      "ancestor_final": ancestor_finals,
                                       "recipe": {"constraints": methods(cfg), "sizes": list(c.sizes), "data": data,
                                                  "train_fraction": c.train_fraction,
-                                                 "seeds": list(c.seeds), "steps": c.steps}})
+                                                 "seeds": list(c.seeds), "steps": c.steps, "points": c.points}})
     report = out / "report.md"
-    write_text(report, _markdown(cfg, summary, out, time.time() - t0))
+    write_text(report, _markdown(cfg, summary, out, wall))
     return report
 
 
@@ -208,75 +231,48 @@ def sample_rows(tasks: dict, path: Path, title: str, per_class: int = 2, steps: 
     return path
 
 
-def _summarize(results: dict, higher: bool = False, ancestor_finals: dict[str, float] | None = None) -> dict:
-    """Per size and method, over seeds: loss (and accuracy) at step 0 and at the
-    end, steps to scratch's final quality and to the ancestor's."""
-    summary = {}
-    curve_key, final_key = ("acc_curve", "final_acc") if higher else ("curve", "final")
-    for size, methods in results.items():
-        scratch = methods["scratch"]
-        scratch_steps = scratch[0]["curve"][-1][0]
-        for name, rows in methods.items():
-            def mean_steps(targets, rows=rows):
-                reach = [steps_to_reach(row[curve_key], t, higher) for row, t in zip(rows, targets)]
-                return statistics.mean(reach) if None not in reach else None
-
-            reach_scratch = mean_steps([ref[final_key] for ref in scratch])
-            entry = {
-                "initial": statistics.mean(r["initial"] for r in rows),
-                "final": statistics.mean(r["final"] for r in rows),
-                "final_spread": statistics.pstdev([r["final"] for r in rows]),
-                "steps_to_scratch_final": reach_scratch,
-                "ratio_to_scratch": None if reach_scratch is None else reach_scratch / scratch_steps,
-            }
-            if higher:
-                entry |= {"initial_acc": statistics.mean(r["initial_acc"] for r in rows),
-                          "final_acc": statistics.mean(r["final_acc"] for r in rows),
-                          "final_acc_spread": statistics.pstdev([r["final_acc"] for r in rows])}
-            if ancestor_finals and name in ancestor_finals:
-                entry["ancestor_final"] = ancestor_finals[name]
-                entry["steps_to_ancestor_final"] = mean_steps([ancestor_finals[name]] * len(rows))
-            for k in ("fid_digits", "class_accuracy"):
-                if k in rows[0]:
-                    entry[k] = statistics.mean(r[k] for r in rows)
-                    entry[k + "_spread"] = statistics.pstdev([r[k] for r in rows])
-            summary.setdefault(size, {})[name] = entry
-    return summary
-
-
-def _fmt(v, spec=".4f"):
-    return "—" if v is None else format(v, spec)
+def _iv(v, spec=".3f") -> str:
+    """An interval (mean, low, high) as 'mean [low, high]'; one value as itself; None as a dash."""
+    if v is None:
+        return "—"
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    m, lo, hi = v
+    return format(m, spec) if lo == hi else f"{m:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
 def _markdown(cfg: DictConfig, summary: dict, out: Path, wall: float) -> str:
     c = cfg.compare
     acc = cfg.task == "classification"
-    what = "validation accuracy" if acc else "validation loss"
+    what = "validation error (1 - accuracy)" if acc else "validation loss"
     data = c.descendant_data or cfg.data.name
+    n = len(c.seeds)
     lines = [
         "# lgframe compare", "",
         f"Task {cfg.task}; ancestor {cfg.model.name} on {cfg.data.name} ({c.ancestor_steps} steps); descendants on "
         f"{data} (train fraction {c.train_fraction}), {c.steps} steps, seeds {list(c.seeds)}. Wall time {wall:.0f} s.", "",
-        f"Quality is the {what}. Steps to reach scratch's final {what} (validated every "
-        f"{max(1, c.steps // 10)} steps; 0 = already there at initialization); ratio = those steps / scratch's steps; "
-        f"— = not reached within {c.steps} steps. Values are means over seeds (± population spread).", "",
+        f"Quality is the {what}, lower is better, validated every {max(1, c.steps // c.points)} steps. Values are means "
+        f"over the {n} seed(s) with a 95% t-interval in brackets; AUC is the area under the validation curve over the "
+        "steps (the mean quality during training: lower = got there sooner). \"/ select\" and \"/ scratch\" are "
+        "paired per-seed ratios (geometric mean and interval); a win or a loss only where the interval excludes 1"
+        + (" (one seed: no interval, no verdict; add seeds to compare.seeds)." if n == 1 else ".")
+        + " Steps to reach: the first validation step at or below scratch's final (— = some seed never did).", "",
     ]
-    for size, methods in summary.items():
-        head = ["method", "val loss step 0", "val loss final"]
-        if acc:
-            head += ["val acc step 0", "val acc final"]
-        head += ["steps to scratch's final", "ratio", "steps to ancestor's final"]
-        if not acc:
-            head += ["FID (digits)", "class acc"]
+    for size, cell in summary.items():
+        head = ["method", "step 0", "final", "AUC", "AUC / select", "vs select", "AUC / scratch", "vs scratch",
+                "steps to scratch's final", "steps to ancestor's final"]
+        sampled = "fid" in next(iter(cell.values()))
+        if sampled:
+            head += [f"FID ({data})", "class acc"]
         table = []
-        for name, e in methods.items():
-            cells = [name, _fmt(e["initial"]), f"{_fmt(e['final'])} ± {_fmt(e['final_spread'])}"]
-            if acc:
-                cells += [_fmt(e["initial_acc"], ".3f"), f"{_fmt(e['final_acc'], '.3f')} ± {_fmt(e['final_acc_spread'], '.3f')}"]
-            cells += [_fmt(e["steps_to_scratch_final"], ".0f"), _fmt(e["ratio_to_scratch"], ".2f"),
-                      _fmt(e.get("steps_to_ancestor_final"), ".0f") if "ancestor_final" in e else "n/a"]
-            if not acc:
-                cells += [_fmt(e.get("fid_digits"), ".1f"), _fmt(e.get("class_accuracy"), ".3f")]
+        for name, e in cell.items():
+            cells = [name, _iv(e["step0"], ".4f"), _iv(e["final"], ".4f"), _iv(e["auc"], ".4f"),
+                     _iv(e.get("auc_ratio_to_select"), ".2f"), e.get("auc_verdict_vs_select", "—"),
+                     _iv(e.get("auc_ratio_to_scratch"), ".2f"), e.get("auc_verdict_vs_scratch", "—"),
+                     _iv(e.get("steps_to_scratch_final"), ".0f"),
+                     _iv(e.get("steps_to_ancestor_final"), ".0f") if "ancestor_final" in e else "n/a"]
+            if sampled:
+                cells += [_iv(e.get("fid"), ".1f"), _iv(e.get("class_accuracy"), ".3f")]
             table.append(cells)
         lines += [f"## {size}", "", *markdown_table(head, table)]
         tag = size_tag(size)

@@ -32,8 +32,9 @@ def _fmt_steps(s: int | None) -> str:
     return "not reached" if s is None else str(s)
 
 
-def sample_quality(runs: dict[str, RunResult], n: int = 300, steps: int = 25) -> dict:
-    """Digits FID and class accuracy of each model's samples and of real held-apart digits."""
+def sample_quality(runs: dict[str, RunResult], n: int = 300) -> dict:
+    """Digits FID and class accuracy of each model's samples (its recipe's sampler, steps and
+    guidance) and of real held-apart digits."""
     from lgframe.data.datamodule import ImageDataModule  # deferred: torch
     from lgframe.training.metrics import class_accuracy, digits_fid  # deferred: torch, torchmetrics
 
@@ -43,11 +44,12 @@ def sample_quality(runs: dict[str, RunResult], n: int = 300, steps: int = 25) ->
     n = min(n, len(val))
     rows = [["real held-apart digits", "—", f"{digits_fid(train, val[:n]):.1f}", f"{class_accuracy(val[:n], val_y[:n]):.3f}"]]
     for name, r in runs.items():
-        g = r.task.recipe["sample"]["guidance"]
+        s = r.task.recipe["sample"]
         labels = torch.arange(n) % r.task.model.config.num_classes
-        fake = r.task.sample(labels, steps=steps, seed=0)
-        rows.append([name, f"{g:g}", f"{digits_fid(train, fake):.1f}", f"{class_accuracy(fake, labels):.3f}"])
-    return {"rows": rows, "n": n, "steps": steps}
+        fake = r.task.sample(labels, seed=0)
+        rows.append([name, f"{s['scheduler']}, {s['steps']} steps, guidance {s['guidance']:g}",
+                     f"{digits_fid(train, fake):.1f}", f"{class_accuracy(fake, labels):.3f}"])
+    return {"rows": rows, "n": n}
 
 
 def run_demo(out: Path, steps: int = 800, descendant_steps: int = 300, seed: int = 0, constraint: str = "svd",
@@ -131,13 +133,14 @@ about 0; a descendant starts below 1 because it already knows something.
 
 Digits FID (digits-classifier features, lower is better) and class accuracy
 (share of samples the digits classifier reads as the class they were drawn
-for) of {quality["n"]} samples per model ({quality["steps"]} sampler steps, each
-model's recipe guidance), next to the same numbers for {quality["n"]} real
+for) of {quality["n"]} samples per model (each model's recipe sampler: DDPM, whose
+fresh noise at every step keeps the backgrounds clean where DDIM's deterministic
+steps leave stray bright pixels, benchmarks/sampler.py), next to the same numbers for {quality["n"]} real
 held-apart digits (the validation split) against the training split. FID from a
 few hundred samples is biased upward: compare the rows with each other, not
 with published figures.
 
-{chr(10).join(markdown_table(["images", "guidance", "FID (digits)", "class accuracy"], quality["rows"]))}
+{chr(10).join(markdown_table(["images", "sampler", "FID (digits)", "class accuracy"], quality["rows"]))}
 
 ## Samples
 

@@ -69,3 +69,55 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float, higher: bo
         if (v >= target) if higher else (v <= target):
             return step
     return None
+
+
+SAMPLE_METRICS = ("fid_g1", "fid_best", "class_acc_g1", "class_acc_best")
+
+
+def summarize(rows: dict[str, list[dict]], ancestor_final: dict[str, float], floor: float = 0.0,
+              metrics: Sequence[str] = SAMPLE_METRICS, ratio_metrics: Sequence[str] = ("fid_best",)) -> dict:
+    """One benchmark cell. `rows[method]` holds one dict per seed (the same seeds, in the
+    same order, for every method; "scratch" is required, "select" optional) with its
+    validation "curve" [(step, value)], lower is better (a loss, or an error 1 - accuracy),
+    and any of `metrics` (e.g. FID of samples).
+
+    Per method: per-seed step 0, final, area under the curve and steps to reach scratch's,
+    select's and the ancestor's (`ancestor_final[method]`) final; their means with 95%
+    t-intervals; and the paired ratios to select and to scratch of the AUC, the final value
+    and each of `ratio_metrics` present, with intervals and a verdict (win / tie / loss;
+    "n/a (1 seed)" without an interval). Ratios take max(value, `floor`): an error of 0 on
+    N validation images is "under one image" (floor 0.5 / N), not a ratio of 0 or infinity."""
+    scratch, select = rows["scratch"], rows.get("select")
+    out = {}
+    for method, rs in rows.items():
+        for i, r in enumerate(rs):  # seeds in the same order in every method
+            c = r["curve"]
+            r["step0"], r["final"], r["auc"] = c[0][1], c[-1][1], area_under_curve(c)
+            r["steps_to_scratch_final"] = steps_to_reach(c, scratch[i]["curve"][-1][1])
+            if select:
+                r["steps_to_select_final"] = steps_to_reach(c, select[i]["curve"][-1][1])
+            if method in ancestor_final:
+                r["steps_to_ancestor_final"] = steps_to_reach(c, ancestor_final[method])
+    for method, rs in rows.items():
+        e: dict = {"seeds": [r["seed"] for r in rs], "runs": rs}
+        for k in ("step0", "final", "auc", *metrics):
+            if k in rs[0]:
+                e[k] = t_interval([r[k] for r in rs])
+        for k in ("steps_to_scratch_final", "steps_to_select_final", "steps_to_ancestor_final"):
+            if k in rs[0]:
+                vals = [r[k] for r in rs]
+                e[k] = t_interval(vals) if None not in vals else None  # None: some seed never got there
+        if "best_guidance" in rs[0]:
+            e["best_guidance"] = [r["best_guidance"] for r in rs]
+        for ref_name, ref in (("select", select), ("scratch", scratch)):
+            if ref is None or method == ref_name:
+                continue
+            for k in ("auc", "final", *[m for m in ratio_metrics if m in rs[0]]):
+                iv = ratio_interval([max(r[k], floor) for r in rs], [max(r[k], floor) for r in ref])
+                e[f"{k}_ratio_to_{ref_name}"] = iv
+                # one seed has no interval: no verdict
+                e[f"{k}_verdict_vs_{ref_name}"] = verdict(iv) if len(rs) > 1 else "n/a (1 seed)"
+        if method in ancestor_final:
+            e["ancestor_final"] = ancestor_final[method]
+        out[method] = e
+    return out

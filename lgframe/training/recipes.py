@@ -125,6 +125,9 @@ class EmaCfg:
     enabled: bool = True
     decay: float = 0.999
     start_step: int = 0
+    # diffusers' warm-up: decay min(decay, (1 + n) / (10 + n)) at the n-th update, so a short run's
+    # average does not keep decay^steps of its starting weights (lgframe/training/ema.py)
+    warmup: bool = True
 
 
 @dataclass
@@ -146,6 +149,8 @@ class CompareCfg:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 300  # each descendant and scratch model
     ancestor_steps: int = 800
+    points: int = 20  # validation points per curve (every steps // points steps): enough to resolve a 2x speed-up
+    unfreeze_at: Optional[int] = None  # descendants' init.unfreeze_at; None: half of `steps`
     train_fraction: float = 1.0  # < 1: the limited-data setting for the descendants
     descendant_data: Optional[str] = None  # another data source for the descendants (domain shift), e.g. shapes
     ancestor_recipe: str = "dit_digits_pretrain"
@@ -404,6 +409,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "compare.steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.ancestor_steps": (lambda v: v >= 1, "an integer >= 1"),
     "compare.seeds": (lambda v: len(v) >= 1, "a non-empty list of seeds"),
+    "compare.points": (lambda v: v >= 2, "an integer >= 2 (validation points per curve)"),
+    "compare.unfreeze_at": (lambda v: v is None or v >= -1, "null (half of compare.steps), -1 (never) or a step >= 0"),
     "compare.train_fraction": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
     "personalize.n_images": (lambda v: v >= 1, "an integer >= 1"),
     "personalize.val_images": (lambda v: v >= 1, "an integer >= 1"),

@@ -18,7 +18,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
-from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +36,7 @@ from lgframe.models.files import CONSOLIDATED, build_model, model_meta, read_mod
 from lgframe.models.registry import model_from_config, parse_size, resolve_config
 from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
 from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
+from lgframe.training.ema import WarmupEMA
 from lgframe.training.metrics import FEATURE_DATA, class_accuracy, digits_fid, inception_fid
 from lgframe.training.progress import StepProgressBar
 from lgframe.training.recipes import constraint_spec, load_recipe, to_plain, validate
@@ -337,7 +337,7 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
     if cfg.ema.enabled and sharded:
         warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models", stacklevel=2)
     elif cfg.ema.enabled:
-        callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay, update_starting_at_step=cfg.ema.start_step))
+        callbacks.append(WarmupEMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup, update_starting_at_step=cfg.ema.start_step))
     with warnings.catch_warnings():
         for pattern in QUIET:
             warnings.filterwarnings("ignore", message=pattern)
