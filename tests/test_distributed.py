@@ -7,6 +7,7 @@ first steps are ~lr * sign(g) and turn gradient elements at the noise floor
 into +-lr steps: the resume test, which uses it, compares losses to 1e-3.)
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -162,6 +163,31 @@ def test_dit_xl_fsdp_recipe_builds_on_the_meta_device():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     assert isinstance(make_strategy(cfg.trainer), ModelParallelStrategy)
+
+
+@pytest.mark.filterwarnings("ignore:image folder")
+def test_the_flagship_fsdp_recipe_runs_on_latents(tmp_path):
+    """recipes/dit_xl_pretrain_fsdp.yaml end to end on CPU: latents from a tiny local VAE,
+    the model overridden to a tiny size, FSDP over 2 gloo processes, fp32 (bf16 is for GPUs)."""
+    from test_imagefolder import make_folder, tiny_vae
+
+    from lgframe.cli import main
+
+    vae = tiny_vae(tmp_path / "vae")
+    lat = tmp_path / "lat"
+    assert main(["encode", "--vae", str(vae), "--images", str(make_folder(tmp_path / "imgs")), "--out", str(lat),
+                 "--image-size", "16"]) == 0
+    cli("pretrain", "dit_xl_pretrain_fsdp", f"out_dir={tmp_path}", "name=xl", f"data.path={lat}", "model.name=DiT-Pico/2",
+        "model.image_size=8", "model.num_classes=3", "data.batch_size=4", "data.num_workers=0", "trainer.devices=2",
+        "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.max_steps=4", "trainer.val_every=4",
+        "trainer.checkpoint_every=0", "optim.warmup_steps=0", "trainer.progress=false", "sample.n=3", "sample.steps=2",
+        cwd=tmp_path)
+    run = tmp_path / "xl"
+    assert (run / "checkpoints/last.ckpt/.metadata").is_file()  # a distributed checkpoint
+    curve = read_curve(run, "val/loss")
+    assert [s for s, _ in curve] == [0, 4] and all(math.isfinite(v) for _, v in curve)
+    lg = Learngene.load(run / "learngene.safetensors")
+    assert lg.constraint == "svd" and lg.ancestor_config["in_channels"] == 4 and lg.ancestor_config["image_size"] == 8
 
 
 def test_ddp_runs_a_class_gated_dit(tmp_path):

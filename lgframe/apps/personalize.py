@@ -62,7 +62,7 @@ from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, w
 from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
-from lgframe.training.stages import plot_curves, read_curve, unique_dir
+from lgframe.training.stages import make_loggers, plot_curves, read_curve, unique_dir
 from lgframe.training.tasks import DiffusionTask, warmup
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -479,7 +479,7 @@ def run_personalize(cfg) -> PersonalizeResult:
     memory = step_memory(task, train[: min(bs, len(train))].repeat(math.ceil(bs / len(train)), 1, 1, 1)[:bs])
     t = recipe["trainer"]
     trainer = pl.Trainer(max_steps=t["max_steps"], val_check_interval=t["val_every"], check_val_every_n_epoch=None,
-                         accelerator=t["accelerator"], devices=1, logger=pl.loggers.CSVLogger(run_dir, name="", version=""),
+                         accelerator=t["accelerator"], devices=1, logger=make_loggers(t["logger"], run_dir, recipe["name"]),
                          enable_checkpointing=False, enable_progress_bar=t["progress"], log_every_n_steps=t["log_every"],
                          gradient_clip_val=recipe["optim"]["grad_clip"], num_sanity_val_steps=0, enable_model_summary=False)
     trainer.validate(task, val_dl, verbose=False)

@@ -27,6 +27,10 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # lgframe/recipes:
 TASKS = ("diffusion", "classification")
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
 @dataclass
 class ModelCfg:
     name: str = "DiT-Nano/2"  # a size from `lgframe list`
@@ -68,6 +72,8 @@ class OptimCfg:
     learngene_lr: Optional[float] = None  # None: same as lr
     scaler_lr: Optional[float] = None  # None: same as lr (scalers often need more, see DESIGN)
     warmup_steps: int = 0
+    # after the warmup: constant | cosine (to 0 at max_steps) | linear (to 0), diffusers' get_scheduler curves
+    schedule: str = "constant"
     grad_clip: float = 1.0
 
 
@@ -84,6 +90,8 @@ class TrainerCfg:
     progress: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
     nan_skip: int = 0  # non-finite gradient steps to skip before stopping the run
+    accumulate_grad_batches: int = 1  # batches per optimizer step; max_steps, val_every count optimizer steps
+    logger: list[str] = field(default_factory=lambda: ["csv"])  # csv (always kept) + tensorboard, wandb (offline)
 
 
 @dataclass
@@ -348,6 +356,12 @@ def validate(cfg: DictConfig) -> None:
             get_constraint(name)  # an unknown name fails here
     if cfg.optim.name not in ("adamw", "sgd"):
         raise LgframeError(f"optim.name={cfg.optim.name!r}; valid: adamw, sgd")
+    if cfg.optim.schedule not in LR_SCHEDULES:
+        raise LgframeError(f"optim.schedule={cfg.optim.schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    bad = [name for name in cfg.trainer.logger if name not in LOGGERS]
+    if bad:
+        raise LgframeError(f"trainer.logger has {', '.join(map(repr, bad))}; valid: {', '.join(LOGGERS)} "
+                           "(csv is always written: the reports read it)")
     if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
 
@@ -387,6 +401,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "trainer.checkpoint_every": (lambda v: v >= 0, "0 (only at the end) or an integer >= 1"),
     "trainer.nan_skip": (lambda v: v >= 0, "0 (stop at the first non-finite step) or more"),
     "trainer.num_nodes": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1 (batches per optimizer step)"),
     "optim.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0 (freeze a group with optim.learngene_lr=0 "
                                                  "or optim.scaler_lr=0 instead)"),
     "optim.learngene_lr": (lambda v: v is None or (_finite(v) and v >= 0), "null (derive from optim.lr) or a number >= 0"),

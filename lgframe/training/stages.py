@@ -268,6 +268,32 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     return build_model(model_meta(task.model), state)
 
 
+def check_loggers(names) -> None:
+    """Each logger of `trainer.logger` has its package (before any run folder is made)."""
+    import importlib.util
+
+    for name, package in (("tensorboard", ("tensorboard", "tensorboardX")), ("wandb", ("wandb",))):
+        if name in names and not any(importlib.util.find_spec(p) for p in package):
+            raise LgframeError(f'trainer.logger {name} needs the {package[0]} package: pip install "lgframe[{name}]"')
+
+
+def make_loggers(names, run_dir: Path, run_name: str) -> list:
+    """Lightning loggers for `trainer.logger`: the CSV logger always (metrics.csv, which the
+    curves and reports read), then TensorBoard (event files under run_dir/tensorboard) and
+    Weights & Biases (offline unless WANDB_MODE says otherwise; files under run_dir/wandb)."""
+    check_loggers(names)
+    loggers = [CSVLogger(run_dir, name="", version="")]
+    if "tensorboard" in names:
+        from lightning.pytorch.loggers import TensorBoardLogger  # deferred: optional tensorboard
+
+        loggers.append(TensorBoardLogger(run_dir, name="", version="tensorboard", default_hp_metric=False))
+    if "wandb" in names:
+        from lightning.pytorch.loggers import WandbLogger  # deferred: optional wandb
+
+        loggers.append(WandbLogger(name=run_name, save_dir=str(run_dir), offline=os.environ.get("WANDB_MODE") != "online"))
+    return loggers
+
+
 def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = None,
         model: nn.Module | None = None, label: str | None = None) -> RunResult:
     """Train the recipe's model; writes a run directory and returns its curves.
@@ -280,6 +306,7 @@ def fit(cfg: DictConfig, extract_learngene: bool = True, run_dir: Path | None = 
     nothing and returns its results."""
 
     validate(cfg)
+    check_loggers(cfg.trainer.logger)
     pl.seed_everything(cfg.seed, verbose=False)
     t = cfg.trainer
     multi = t.strategy in ("ddp", "fsdp") or t.devices not in (1, "1") or t.num_nodes > 1
@@ -343,7 +370,8 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
             warnings.filterwarnings("ignore", message=pattern)
         trainer = pl.Trainer(
             max_steps=t.max_steps,
-            val_check_interval=t.val_every,
+            val_check_interval=t.val_every * t.accumulate_grad_batches,  # Lightning counts batches here
+            accumulate_grad_batches=t.accumulate_grad_batches,
             check_val_every_n_epoch=None,
             log_every_n_steps=t.log_every,
             accelerator=t.accelerator,
@@ -352,7 +380,7 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
             num_nodes=t.num_nodes,
             precision=t.precision,
             gradient_clip_val=cfg.optim.grad_clip or None,
-            logger=CSVLogger(run_dir, name="", version=""),
+            logger=make_loggers(t.logger, run_dir, cfg.name),
             callbacks=callbacks,
             plugins=None if sharded else [AtomicCheckpointIO()],
             enable_progress_bar=t.progress,

@@ -38,6 +38,19 @@ def warmup(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / steps) if steps else 1.0
 
 
+def lr_decay(schedule: str, total: int, warm: int):
+    """The factor of `optim.schedule` after the warmup at optimizer step `step`: diffusers'
+    get_scheduler curve (cosine or linear, to 0 at `total`) over the steps after `warm`;
+    constant: 1. Multiplied with `warmup`, the linear warmup."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    from diffusers.optimization import get_scheduler  # deferred: diffusers' optimization module
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only its curve is used
+    curve = get_scheduler(schedule, probe, num_warmup_steps=0, num_training_steps=max(1, total - warm)).lr_lambdas[0]
+    return lambda step: curve(max(0, step - warm))
+
+
 class LgTask(pl.LightningModule):
     def __init__(self, recipe: dict, model: nn.Module, init_mode: str = "random"):
         super().__init__()
@@ -112,12 +125,13 @@ class LgTask(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
         warm, at = o["warmup_steps"], self.recipe["init"]["unfreeze_at"]
+        decay = lr_decay(o.get("schedule", "constant"), self.recipe["trainer"]["max_steps"], warm)
 
         def factor(name):
             def f(step):
                 if name == "learngene" and step < at:
                     return 0.0  # phase 1: the learngene is frozen by a zero learning rate
-                return warmup(step, warm)
+                return warmup(step, warm) * decay(step)
 
             return f
 
