@@ -1,6 +1,7 @@
 """Training at scale, on CPU: learning-rate schedules (diffusers' curves), gradient
 accumulation, and Lightning loggers beside the CSV the reports read."""
 
+import csv
 import importlib.util
 import math
 
@@ -77,7 +78,9 @@ def test_accumulating_two_batches_of_16_is_one_batch_of_32(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert acc.curve[-1][1] == pytest.approx(big.curve[-1][1], rel=1e-4)
-    assert big.curve[-1][1] < big.curve[0][1]  # it trained
+    # and the check can fail: 6 plain steps of 16 end elsewhere
+    small = _vit(tmp_path, "small", "data.batch_size=16").task.model.state_dict()
+    assert max(float((small[k] - a[k]).abs().max()) for k in a) > 1e-3
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed (lgframe[tensorboard])")
@@ -90,8 +93,10 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert "train/loss" in acc.Tags()["scalars"] and "val/acc" in acc.Tags()["scalars"]
-    assert len(acc.Scalars("train/loss")) == 6  # every step (log_every=1)
-    assert [e.step for e in acc.Scalars("val/acc")][-1] == 6
+    with open(r.run_dir / "metrics.csv") as f:  # the same values as the CSV the reports read
+        csv_loss = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert len(csv_loss) >= 5 and [e.value for e in acc.Scalars("train/loss")] == pytest.approx(csv_loss, rel=1e-6)
+    assert [e.value for e in acc.Scalars("val/acc")] == pytest.approx([a for _, a in r.acc_curve])  # steps 0, 3, 6
     assert (r.run_dir / "metrics.csv").is_file() and r.curve[-1][0] == 6  # the CSV is still written and read
 
 

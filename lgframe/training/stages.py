@@ -99,6 +99,9 @@ def recipe_model_config(cfg: DictConfig, check_data: bool = True) -> dict:
     m = cfg.model
     mc = resolve_config(m.name, depth=m.depth, width=m.width, heads=m.heads, freq_shift=m.freq_shift,
                         mlp_act=m.mlp_act)
+    keys = ("image_size", "in_channels", "num_classes")
+    if not check_data and all(m[k] is not None for k in keys):  # the recipe gives the geometry: no data read
+        return mc | {k: m[k] for k in keys}
     dm = build_datamodule(cfg.data)
     data = {"image_size": dm.image_size, "in_channels": dm.channels, "num_classes": dm.num_classes}
     for k, v in data.items():
