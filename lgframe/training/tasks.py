@@ -300,13 +300,18 @@ class DiffusionTask(LgTask):
         cfg = self.model.config
         if uncond_model is not None:
             check_same_inputs(self.model, uncond_model)
-        g = torch.Generator().manual_seed(s["seed"] if seed is None else seed)
+        seed = s["seed"] if seed is None else seed
+        g = torch.Generator().manual_seed(seed)
         x_all = torch.randn((len(labels), cfg.in_channels, cfg.image_size, cfg.image_size), generator=g)
+        # one generator per sample for a stochastic sampler's fresh noise (diffusers' randn_tensor
+        # takes a list): sample i gets the same noise whatever the batch size
+        per_sample = [torch.Generator().manual_seed(seed * 1_000_003 + 1 + i) for i in range(len(labels))]
         out = []
         for start in range(0, len(labels), batch_size):
             out.append(self._sample_batch(x_all[start:start + batch_size].to(self.device),
                                           labels[start:start + batch_size].to(self.device),
-                                          guidance, steps, kind, g, progress and start == 0, uncond_model))
+                                          guidance, steps, kind, per_sample[start:start + batch_size],
+                                          progress and start == 0, uncond_model))
         return torch.cat(out)
 
     def _sample_batch(self, x, labels, guidance, steps, kind, g, progress, uncond_model):
