@@ -40,7 +40,10 @@ def test_cosine_schedule_follows_the_warmup_then_diffusers_cosine():
     assert free[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warmup, (step + 1) / 4
     for s in range(4, 20):  # then 0.5 (1 + cos(pi t)), t the share of the 16 steps after the warmup
         assert free[s] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)))
-    assert lrs["learngene"][:8] == [0.0] * 8 and lrs["learngene"][8] == pytest.approx(free[8])  # phase 2 at 8
+    assert lrs["learngene"][:8] == [0.0] * 8  # phase 1: frozen
+    # phase 2 at 8: its own warmup (init.unfreeze_warmup, default optim.warmup_steps = 4) times the cosine
+    assert lrs["learngene"][8:12] == pytest.approx([free[s] * (s - 7) / 4 for s in range(8, 12)])
+    assert lrs["learngene"][12:] == pytest.approx(free[12:])
 
 
 def test_linear_and_constant_schedules():

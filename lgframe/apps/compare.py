@@ -34,6 +34,7 @@ from lgframe.apps.report import markdown_table
 from lgframe.apps.stats import steps_to_reach, summarize  # noqa: F401 (also lgframe.apps.compare.steps_to_reach)
 from lgframe.core.constraint import TransformConstraint
 from lgframe.core.registry import constraint_class, constraint_names
+from lgframe.errors import LgframeError
 from lgframe.formats.checkpoints import load_checkpoint
 from lgframe.formats.files import atomic_path, write_json, write_text
 from lgframe.models.registry import parse_size
@@ -104,7 +105,11 @@ def finished_run(cfg: DictConfig) -> Path | None:
             d["init"]["source"] = os.path.realpath(d["init"]["source"])
         return d
 
-    if settings(OmegaConf.load(run_dir / "config.yaml")) != settings(cfg):
+    try:  # through the schema: a run written before a key was added, at its default, is the same run
+        saved = load_recipe(OmegaConf.load(run_dir / "config.yaml"))
+    except LgframeError:
+        return None
+    if settings(saved) != settings(cfg):
         return None
     return ckpt if load_checkpoint(ckpt).get("global_step", -1) >= cfg.trainer.max_steps else None
 
@@ -130,40 +135,57 @@ def _given(section: DictConfig, schema, skip: tuple[str, ...]) -> list[str]:
             for k, v in section.items() if k not in skip and v is not None and v != default.get(k)]
 
 
+def data_overrides(cfg: DictConfig) -> list[str]:
+    """The data settings a compare recipe gives (size, validation subset, batch): they apply to every run."""
+    from lgframe.training.recipes import DataCfg  # the schema: what the recipe sets on purpose
+
+    return _given(cfg.data, DataCfg, skip=("name", "train_fraction"))
+
+
+def ancestor_overrides(cfg: DictConfig, out: Path) -> list[str]:
+    """Overrides of every ancestor run of a compare recipe (written under `out`)."""
+    from lgframe.training.recipes import ModelCfg
+
+    return [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}",
+            *_given(cfg.model, ModelCfg, skip=("name",)), f"data.name={cfg.data.name}", *data_overrides(cfg),
+            f"trainer.progress={str(cfg.trainer.progress).lower()}",
+            f"trainer.val_every={max(1, cfg.compare.ancestor_steps // cfg.compare.points)}"]
+
+
+def descendant_overrides(cfg: DictConfig, size: str, seed: int, runs: Path) -> list[str]:
+    """Overrides of one descendant (or scratch) run of a compare recipe: size, budget, seed, data;
+    the caller adds name, constraint and init.source."""
+    c = cfg.compare
+    name, size_overrides = parse_size(size)
+    return [f"out_dir={runs}", f"model.name={name or cfg.model.name}",
+            *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
+            f"trainer.val_every={max(1, c.steps // c.points)}", f"seed={seed}",
+            f"data.name={c.descendant_data or cfg.data.name}", *data_overrides(cfg),
+            f"data.train_fraction={c.train_fraction}", f"trainer.progress={str(cfg.trainer.progress).lower()}",
+            # phase 2 (the learngene unfrozen) for the second half unless the recipe says otherwise
+            f"init.unfreeze_at={c.steps // 2 if c.unfreeze_at is None else c.unfreeze_at}"]
+
+
 def run_compare(cfg: DictConfig, samples: int = 300) -> Path:
     """Ancestors, then every learngene and scratch at every size and seed; writes
     compare.json (per-seed curves, the summary with intervals) and report.md."""
-    from lgframe.training.recipes import DataCfg, ModelCfg  # the schema: what the recipe sets on purpose
-
     c = cfg.compare
     out = Path(cfg.out_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    progress = "trainer.progress=" + str(cfg.trainer.progress).lower()
-    # data settings the compare recipe gives (size, validation subset, batch) apply to every run
-    data_given = _given(cfg.data, DataCfg, skip=("name", "train_fraction"))
-    base = [f"out_dir={out}", f"task={cfg.task}", f"model.name={cfg.model.name}",
-            *_given(cfg.model, ModelCfg, skip=("name",)), f"data.name={cfg.data.name}", *data_given, progress,
-            f"trainer.val_every={max(1, c.ancestor_steps // c.points)}"]
-    learngenes, ancestor_finals = build_ancestors(cfg, out, base)
+    data_given = data_overrides(cfg)
+    learngenes, ancestor_finals = build_ancestors(cfg, out, ancestor_overrides(cfg, out))
     data = c.descendant_data or cfg.data.name
     if data != cfg.data.name:
         ancestor_finals = {}  # another domain: the ancestor's quality on its own data is no target here
     _, higher = quality_key(cfg.task)
     if higher:  # judged as the error 1 - accuracy: lower is better everywhere
         ancestor_finals = {k: 1.0 - v for k, v in ancestor_finals.items()}
-    val_every = max(1, c.steps // c.points)
     results: dict[str, dict[str, list[dict]]] = {}
     for size in c.sizes:
         tag = size_tag(size)
-        name_, size_overrides = parse_size(size)
         for seed in c.seeds:
-            common = [f"out_dir={out / 'runs'}", f"model.name={name_ or cfg.model.name}",
-                      *[f"model.{k}={v}" for k, v in size_overrides.items()], f"trainer.max_steps={c.steps}",
-                      f"trainer.val_every={val_every}", f"seed={seed}", f"data.name={data}", *data_given,
-                      f"data.train_fraction={c.train_fraction}", progress]
-            # phase 2 (the learngene unfrozen) for the second half unless the recipe says otherwise
-            common.append(f"init.unfreeze_at={c.steps // 2 if c.unfreeze_at is None else c.unfreeze_at}")
+            common = descendant_overrides(cfg, size, seed, out / "runs")
             runs = {"scratch": fit_or_reuse(load_recipe(c.descendant_recipe, common + [f"name={tag}_scratch_s{seed}",
                                                                                         "constraint=scratch"]))}
             for name, lg in learngenes.items():

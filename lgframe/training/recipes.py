@@ -112,6 +112,7 @@ class SampleCfg:
     steps: int = 50
     guidance: float = 2.0
     scheduler: str = "ddim"  # ddim | ddpm | dpm (DPM-Solver++ multistep)
+    spacing: str = "leading"  # diffusers' timestep_spacing: leading | trailing | linspace
     seed: int = 0
     uncond_from: Optional[str] = None  # checkpoint whose null-class prediction is the CFG unconditional term
 
@@ -144,8 +145,14 @@ class InitCfg:
     # model .safetensors) or a learngene (.safetensors with a .json manifest beside).
     source: Optional[str] = None
     # Phase 2 of descendant training: step at which the learngene is unfrozen
-    # (-1 = never; phase 1 trains scalers and free parameters only).
+    # (-1 = never; phase 1 trains scalers and free parameters only, the learngene gets no gradient).
     unfreeze_at: int = -1
+    # Linear warmup of the learngene's rate after `unfreeze_at` (its Adam state starts then);
+    # None: optim.warmup_steps.
+    unfreeze_warmup: Optional[int] = None
+    # A learngene source only: bake the descendant's dense weights right after the descent and
+    # train it as a plain model (WAVE's stage 2: the constraint is dropped; unfreeze_at does nothing).
+    materialize: bool = False
 
 
 @dataclass
@@ -364,6 +371,9 @@ def validate(cfg: DictConfig) -> None:
                            "(csv is always written: the reports read it)")
     if cfg.sample.scheduler not in ("ddim", "ddpm", "dpm"):
         raise LgframeError(f"sample.scheduler={cfg.sample.scheduler!r}; valid: ddim, ddpm, dpm")
+    if cfg.sample.spacing not in ("leading", "trailing", "linspace"):
+        raise LgframeError(f"sample.spacing={cfg.sample.spacing!r}; valid: leading, trailing, linspace "
+                           "(diffusers' timestep_spacing)")
 
     if cfg.data.name not in DATA_NAMES:
         raise LgframeError(f"data.name={cfg.data.name!r}; valid: {', '.join(DATA_NAMES)}")
@@ -417,6 +427,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "ema.decay": (lambda v: _finite(v) and 0 < v < 1, "a number strictly between 0 and 1 (e.g. 0.999)"),
     "ema.start_step": (lambda v: v >= 0, "an integer >= 0"),
     "init.unfreeze_at": (lambda v: v >= -1, "-1 (never) or a step >= 0"),
+    "init.unfreeze_warmup": (lambda v: v is None or v >= 0, "null (optim.warmup_steps), 0 (none) or a number of steps"),
     "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
     "data.image_size": (lambda v: v is None or v >= 1, "null (the data set's own) or an integer >= 1"),

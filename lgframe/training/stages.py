@@ -132,6 +132,8 @@ def starting_model(cfg: DictConfig) -> tuple[nn.Module, str]:
                 f"'{name}'; set constraint={lg.constraint}."
             )
         model = descend_model(lg, model_from_config(recipe_model_config(cfg)), opts.get("options", opts))
+        if cfg.init.get("materialize"):  # WAVE's second stage: drop the constraint, train the dense weights
+            return get_constraint(lg.constraint).materialize(model), "plain"
         return model, "random"
     model, meta = read_model(src)
     carried = (meta.get("constraint") or {}).get("name")

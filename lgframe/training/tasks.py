@@ -6,9 +6,14 @@ FSDP2 (`ModelParallelStrategy`) the same hook then shards every block and
 last the root, which owns the shared learngene bank, so the bank's gradients
 are reduced once. The regularizer joins the loss and `param_groups`
 (learngene / scalers / free) become optimizer groups with their own learning
-rates. A descendant's phase 2 (`init.unfreeze_at`) is a learning-rate switch
-of the learngene group from 0, not a `requires_grad` flip: DDP and FSDP fix
-the set of trainable parameters when they wrap the model.
+rates; a group whose rate is 0 is frozen (`requires_grad=False`, outside the
+optimizer). A descendant's phase 1 (before `init.unfreeze_at`) freezes the
+learngene: on one process it has `requires_grad=False` (no gradient computed);
+under DDP/FSDP, which fix the set of trainable parameters when they wrap the
+model, its gradient is computed but dropped after the reduction, before the
+clip norm and the optimizer see it. Either way it takes no part in the clip
+norm and gets no optimizer state. Phase 2 brings it in with its own linear
+warmup (`init.unfreeze_warmup`).
 """
 
 from __future__ import annotations
@@ -57,9 +62,10 @@ class LgTask(pl.LightningModule):
         self.save_hyperparameters({"recipe": recipe})
         self.recipe = recipe
         self.model = model
-        self.init_mode = init_mode  # how configure_model attaches: random | dense
+        self.init_mode = init_mode  # how configure_model attaches: random | dense | plain (attach nothing)
         spec = attached_constraint(model)
-        self.constraint = get_constraint(spec.to_dict() if spec else recipe["constraint"])
+        # plain: a descendant materialized from its learngene (init.materialize) trains dense
+        self.constraint = get_constraint("scratch" if init_mode == "plain" else spec.to_dict() if spec else recipe["constraint"])
         self.teacher = None
         if recipe.get("teacher"):
 
@@ -87,9 +93,17 @@ class LgTask(pl.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.recipe["seed"])
             self.constraint.attach(self.model, init=self.init_mode)
+        groups = self.constraint.param_groups(self.model)
         if self.recipe["init"]["unfreeze_at"] >= 0:
-            for p in self.constraint.param_groups(self.model)["learngene"]:
-                p.requires_grad_(True)  # trained from `unfreeze_at` on; lr 0 before (configure_optimizers)
+            # Trained from `unfreeze_at` on. Under DDP/FSDP it must be trainable when they wrap
+            # the model; on one process it is switched on at `unfreeze_at` (on_train_batch_start).
+            self._phase1 = list(groups["learngene"])
+            for p in self._phase1:
+                p.requires_grad_(self._distributed())
+        for name, rate in self._rates().items():
+            if rate == 0:  # a rate of 0 freezes: no gradient, not in the optimizer, bit-identical
+                for p in groups[name]:
+                    p.requires_grad_(False)
         mesh = self.device_mesh
         if mesh is not None and not getattr(self.model, "_lg_sharded", False):
 
@@ -102,6 +116,28 @@ class LgTask(pl.LightningModule):
                     fully_shard(mod, mesh=dp)  # task-side parameters (a MIM decoder) sync too
             self.model._lg_sharded = True
 
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1
+
+    def _rates(self) -> dict[str, float]:
+        """The learning rate of each parameter group: optim.learngene_lr / scaler_lr where set
+        (0 freezes the group), else optim.lr times the constraint's scale for the group."""
+        o, scales = self.recipe["optim"], self.constraint.lr_scales()
+        given = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
+        return {n: float(v) if v is not None else o["lr"] * scales.get(n, 1.0) for n, v in given.items()}
+
+    def _in_phase1(self) -> bool:
+        return bool(getattr(self, "_phase1", None)) and self.global_step < self.recipe["init"]["unfreeze_at"]
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Phase 2 on one process: the learngene gets gradients from `unfreeze_at` on."""
+        if getattr(self, "_phase1", None) and not self._distributed() and not self._in_phase1():
+            if self._rates()["learngene"] > 0:
+                for p in self._phase1:
+                    p.requires_grad_(True)
+
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the task outside the model (e.g. a MIM decoder)."""
         return []
@@ -112,25 +148,25 @@ class LgTask(pl.LightningModule):
         o = self.recipe["optim"]
         groups = self.constraint.param_groups(self.model)
         groups["free"] = groups["free"] + self.extra_parameters()
-        lrs = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
-        names = [name for name, ps in groups.items() if any(p.requires_grad for p in ps)]
-        scales = self.constraint.lr_scales()
-        param_groups = [
-            {"params": [p for p in groups[n] if p.requires_grad], "lr": lrs[n] if lrs[n] is not None else o["lr"] * scales.get(n, 1.0),
-             "name": n}
-            for n in names
-        ]
+        rates = self._rates()
+        later = {id(p) for p in getattr(self, "_phase1", [])} if rates["learngene"] > 0 else set()
+        members = {n: [p for p in ps if p.requires_grad or id(p) in later] for n, ps in groups.items()}
+        names = [n for n, ps in members.items() if ps]
+        param_groups = [{"params": members[n], "lr": rates[n], "name": n} for n in names]
         if o["name"] == "sgd":
             opt = torch.optim.SGD(param_groups, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"])
         else:
             opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
         warm, at = o["warmup_steps"], self.recipe["init"]["unfreeze_at"]
+        again = self.recipe["init"].get("unfreeze_warmup")
+        again = warm if again is None else again
         decay = lr_decay(o.get("schedule", "constant"), self.recipe["trainer"]["max_steps"], warm)
 
         def factor(name):
             def f(step):
-                if name == "learngene" and step < at:
-                    return 0.0  # phase 1: the learngene is frozen by a zero learning rate
+                if name == "learngene" and at >= 0:
+                    # phase 1: frozen (no gradient reaches the optimizer); phase 2: a warmup of its own
+                    return 0.0 if step < at else warmup(step - at, again) * decay(step)
                 return warmup(step, warm) * decay(step)
 
             return f
@@ -143,6 +179,9 @@ class LgTask(pl.LightningModule):
         """The NaN/Inf guard. Gradients are checked after DDP/FSDP reduced them, so
         every rank takes the same decision; a skipped step leaves the weights and
         the optimizer state untouched (optimizers skip parameters without grad)."""
+        if self._in_phase1():  # DDP/FSDP computed (and reduced) it; phase 1 drops it before clip and step
+            for p in self._phase1:
+                p.grad = None
         params = [p for p in self.parameters() if p.grad is not None]
         if all(torch.isfinite(p.grad).all() for p in params):
             return
@@ -315,8 +354,12 @@ class DiffusionTask(LgTask):
         return torch.cat(out)
 
     def _sample_batch(self, x, labels, guidance, steps, kind, g, progress, uncond_model):
-        sched = SAMPLERS[kind].from_config(self.noise_scheduler.config)
+        # diffusers' timestep_spacing: leading (first step t = 980 of 1000 at 50 steps), trailing (t = 999)
+        sched = SAMPLERS[kind].from_config(self.noise_scheduler.config,
+                                           timestep_spacing=self.recipe["sample"].get("spacing", "leading"))
         sched.set_timesteps(steps)
+        # DDIM with clipping: the direction term uses the noise implied by the clipped x0, not the raw guided one
+        extra = {"use_clipped_model_output": True} if kind == "ddim" and sched.config.clip_sample else {}
         null = torch.full_like(labels, self.null_class)
         models = [self.model] + ([uncond_model] if uncond_model is not None else [])
         modes = [m.training for m in models]
@@ -339,7 +382,7 @@ class DiffusionTask(LgTask):
                 other_null = torch.full_like(labels, uncond_model.config.num_classes)
                 uncond = uncond_model(x, tt, other_null)[:, : x.shape[1]]
                 eps = uncond + guidance * (cond - uncond)
-            x = sched.step(eps, t, x, generator=g).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
+            x = sched.step(eps, t, x, generator=g, **extra).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
         for m, mode in zip(models, modes):
             m.train(mode)
         c = self.noise_scheduler.config
@@ -375,6 +418,28 @@ class ClassificationTask(LgTask):
         if recipe.get("objective") == "self_supervised":
             c = model.config
             self.mim_decoder = nn.Linear(c.width, c.patch_size**2 * c.in_channels)
+
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1
+
+    def _rates(self) -> dict[str, float]:
+        """The learning rate of each parameter group: optim.learngene_lr / scaler_lr where set
+        (0 freezes the group), else optim.lr times the constraint's scale for the group."""
+        o, scales = self.recipe["optim"], self.constraint.lr_scales()
+        given = {"learngene": o["learngene_lr"], "scalers": o["scaler_lr"], "free": None}
+        return {n: float(v) if v is not None else o["lr"] * scales.get(n, 1.0) for n, v in given.items()}
+
+    def _in_phase1(self) -> bool:
+        return bool(getattr(self, "_phase1", None)) and self.global_step < self.recipe["init"]["unfreeze_at"]
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Phase 2 on one process: the learngene gets gradients from `unfreeze_at` on."""
+        if getattr(self, "_phase1", None) and not self._distributed() and not self._in_phase1():
+            if self._rates()["learngene"] > 0:
+                for p in self._phase1:
+                    p.requires_grad_(True)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.mim_decoder.parameters()) if self.mim_decoder is not None else []
