@@ -69,7 +69,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # kind: learngene components and tailors
     "kind": ("kind", []),
     "kind_unfreeze0": ("kind", ["init.unfreeze_at=0"]),
-    "kind_materialize": ("kind", ["init.materialize=true"]),
+    # (no kind_materialize: the inherited tailors make kind's weights depend on the class, so it has no
+    # single dense form to train; `lgframe decompose --learngene-only` is the class-agnostic part)
+    "kind_fresh_tailors": ("kind", ["constraint={name: kind, tailors: fresh}"]),
     # dct (FRONT) and dwt (BoT): training-free; the amplitude rules
     "dct": ("dct", []),
     "dct_keep_all": ("dct", ["constraint={name: dct, keep: [1.0, 1.0, 1.0]}"]),

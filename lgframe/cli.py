@@ -130,10 +130,28 @@ def cmd_learngene(args) -> int:
     from lgframe.training.stages import extract_learngene_file  # deferred: torch, Lightning, diffusers
 
     _check_learngene_out(args, args.checkpoint)
-    st, js = extract_learngene_file(args.checkpoint, args.out, args.constraint)
+    st, js = extract_learngene_file(args.checkpoint, args.out, args.constraint, allow_lossy=args.allow_lossy)
     manifest = json.loads(js.read_text())
     print(f"wrote {st} and {js}")
     print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in manifest["bytes"].items()))
+    return 0
+
+
+def cmd_refit(args) -> int:
+    from lgframe.training.refit import refit  # deferred: torch, Lightning, diffusers
+
+    _check_learngene_out(args, args.model)
+    _quiet_lightning()
+    r = refit(args.model, args.constraint, args.out, recipe=args.recipe, overrides=args.overrides)
+    if r.weight_error:
+        print(f"closed form ({args.constraint}): relative weight error {r.weight_error['all']:.3f}")
+    if r.teacher_error:
+        (s0, e0), (s1, e1) = r.teacher_error[0], r.teacher_error[-1]
+        print(f"relative output error vs the dense model: {e0:.3f} at step {s0} (the closed form) -> {e1:.3f} at step {s1}")
+    if r.loss:
+        print(f"validation loss: {r.loss[-1][1]:.4f} (the dense model: {r.teacher_loss:.4f})")
+    print(f"run directory: {r.run.run_dir}")
+    print(f"learngene: {r.learngene} (+ .json manifest)")
     return 0
 
 
@@ -405,7 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside)")
     s.add_argument("--constraint", default=None,
                    help="decompose the checkpoint's dense weights with this constraint (default: the one it was trained with)")
+    s.add_argument("--allow-lossy", action="store_true",
+                   help="keep a closed-form decomposition that loses more than 10%% of the weights (default: refused; "
+                        "use `lgframe refit`)")
     s.set_defaults(func=cmd_learngene)
+
+    text = ("a dense model into a constrained ancestor by distillation: start from the closed-form decomposition, "
+            "train it to match the dense model on data, write its learngene")
+    s = sub.add_parser("refit", help=text, description=text)
+    s.add_argument("model", help="dense model .safetensors or .ckpt (e.g. from `lgframe import`)")
+    s.add_argument("--constraint", required=True, help="a factorized constraint: svd, kronecker, tucker, kind")
+    s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside)")
+    s.add_argument("--recipe", default=None, help="training recipe (default: dit_digits_pretrain / vit_digits_pretrain "
+                                                  "by the model's family); give the data with overrides")
+    s.add_argument("overrides", nargs="*", help=_overrides_help())
+    s.set_defaults(func=cmd_refit)
 
     s = sub.add_parser("descend", help="initialize a model of another size from a learngene")
     s.add_argument("learngene", help="learngene .safetensors (with its .json manifest)")
@@ -522,7 +554,14 @@ def _quiet_lightning() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides after an option (`refit M --out X data.name=digits`): argparse hands them
+        # back unparsed, since a positional list ends at the first option; they are overrides still
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = args.overrides + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     lg_log = logging.getLogger("lgframe")

@@ -131,7 +131,9 @@ def test_learngene_from_a_dense_checkpoint_needs_a_constraint(tmp_path, capsys):
     assert "name one to decompose it with, e.g. --constraint svd" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "x.safetensors").exists()
     for name in ("svd", "dct", "dwt", "select"):
-        assert main(["learngene", str(dense), "--constraint", name, "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+        lossy = ["--allow-lossy"] if name == "svd" else []  # a random model's svd closed form is lossy (test_refit.py)
+        assert main(["learngene", str(dense), "--constraint", name, "--out", str(tmp_path / f"{name}.safetensors"),
+                     *lossy]) == 0
         manifest = json.loads((tmp_path / f"{name}.json").read_text())
         assert manifest["constraint"]["name"] == name and manifest["model"]["ancestor_config"]["depth"] == 4
 

@@ -23,6 +23,7 @@ final DiT.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ from lgframe.models.registry import parse_size
 from lgframe.training.metrics import FEATURE_DATA
 from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import RunResult, evaluate, extract_learngene_file, fit, load_task, plot_curves, read_curve
+
+
+log = logging.getLogger("lgframe")
 
 
 def quality_key(task: str) -> tuple[str, bool]:
@@ -114,6 +118,20 @@ def finished_run(cfg: DictConfig) -> Path | None:
     return ckpt if load_checkpoint(ckpt).get("global_step", -1) >= cfg.trainer.max_steps else None
 
 
+def set_aside_unfinished(run_dir: Path) -> Path | None:
+    """A run folder by this name that is not the finished run wanted (a killed run, or other
+    settings) and that no live process is writing: renamed to NAME.unfinished[-N], kept, so the
+    new run gets the name and the next compare finds it (instead of writing NAME-1 every time)."""
+    from lgframe.training.rundir import LOCK_NAME, lock_is_live, unique_dir
+
+    if not run_dir.is_dir() or lock_is_live(run_dir / LOCK_NAME):
+        return None
+    aside = unique_dir(run_dir.with_name(run_dir.name + ".unfinished"))
+    os.replace(run_dir, aside)
+    log.warning("run folder %s is not a finished run of these settings: moved to %s", run_dir, aside)
+    return aside
+
+
 def fit_or_reuse(cfg: DictConfig, load: bool = True) -> RunResult:
     """`fit`, unless a finished run of the same recipe is in its run directory:
     then that run (and with `load` its final model). So a compare that stopped
@@ -121,6 +139,7 @@ def fit_or_reuse(cfg: DictConfig, load: bool = True) -> RunResult:
     it already has."""
     ckpt = finished_run(cfg)
     if ckpt is None:
+        set_aside_unfinished(Path(cfg.out_dir) / cfg.name)
         return fit(cfg, extract_learngene=False)
     run_dir = ckpt.parent.parent
     return RunResult(run_dir, ckpt, read_curve(run_dir, "val/loss"), read_curve(run_dir, "val/acc"),

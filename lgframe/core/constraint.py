@@ -404,6 +404,24 @@ class FactorizedConstraint(Constraint):
         c.record(model)
         return model
 
+    def attach_dense(self, model: nn.Module) -> dict[str, float]:
+        """`attach(model, init="dense")`, and what the closed-form decomposition lost: the relative
+        Frobenius error ||W' - W|| / ||W|| of each role's stack, and over all roles ("all")."""
+        layout = Layout(model)
+        roles = layout.select_roles(self.options.roles)
+        before = {r.name: layout.stack(model, r).clone() for r in roles}
+        self.attach(model, init="dense")
+        bank, after = getattr(model, BANK), Layout(model)
+        errors, num, den = {}, 0.0, 0.0
+        with torch.no_grad():
+            for r in roles:
+                w = torch.stack([bank.weight(m) for m in after.role_modules(model, r)]).to(before[r.name].dtype)
+                d2, n2 = float((w - before[r.name]).pow(2).sum()), float(before[r.name].pow(2).sum())
+                errors[r.name] = (d2 / n2) ** 0.5 if n2 else 0.0
+                num, den = num + d2, den + n2
+        errors["all"] = (num / den) ** 0.5 if den else 0.0
+        return errors
+
     # -- helpers over an attached model --------------------------------------
     def _require_attached(self, model: nn.Module) -> Bank:
         spec = attached_constraint(model)

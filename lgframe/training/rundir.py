@@ -73,6 +73,16 @@ def _independent_rank() -> int:
     return 0
 
 
+def lock_is_live(path: Path) -> bool:
+    """Whether a run-folder lock file is held by a running process (another host's: assumed so)."""
+    try:
+        other = json.loads(Path(path).read_text())
+        host, pid = other["host"], int(other["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return host != socket.gethostname() or _alive(pid)
+
+
 class RunLock:
     """Context manager: hold the run folder's lock for the life of a training run."""
 

@@ -419,17 +419,27 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
 
 
 # ------------------------------------------------------------------ other stages
-def extract_learngene_file(checkpoint: str | os.PathLike, out: str | os.PathLike, constraint: str | dict | None = None) -> tuple[Path, Path]:
+def extract_learngene_file(checkpoint: str | os.PathLike, out: str | os.PathLike, constraint: str | dict | None = None,
+                           allow_lossy: bool = False) -> tuple[Path, Path]:
     """The learngene of a checkpoint or model file. With `constraint`, the model's
     dense weights are decomposed by that constraint first (any dense checkpoint
-    works, e.g. one trained with constraint=scratch)."""
+    works, e.g. one trained with constraint=scratch). A factorized constraint whose
+    closed form loses more than lgframe.training.refit.LOSSY of the weights (relative
+    error) is refused with the measured error and the `lgframe refit` command, unless
+    `allow_lossy`."""
+    from lgframe.training.refit import LOSSY, closed_form_errors, lossy_message
+
     model, meta = read_model(checkpoint)
     carried = meta.get("constraint")
     if constraint is not None:
         if carried is not None:
             get_constraint(carried).materialize(model)
         c = get_constraint(constraint)
-        c.attach(model, init="dense")
+        errors = closed_form_errors(model, c)
+        if errors is not None and errors["all"] > LOSSY:
+            if not allow_lossy:
+                raise LgframeError(lossy_message(checkpoint, c.name, errors))
+            log.warning("--allow-lossy: %s keeps relative weight error %.2f of '%s'", c.name, errors["all"], checkpoint)
         return c.learngene(model).save(out)
     if carried is None:
         raise LgframeError(

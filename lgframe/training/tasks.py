@@ -28,7 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lgframe.core.constraint import attached_constraint, log
+from lgframe.core.constraint import FactorizedConstraint, attached_constraint, log
 from lgframe.core.layout import Layout
 from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
@@ -79,6 +79,17 @@ class LgTask(pl.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
 
+    @override
+    def on_validation_start(self) -> None:  # the step-0 validation runs before fit
+        self.on_fit_start()
+
+    def log_teacher_match(self, student: torch.Tensor, teacher: torch.Tensor, teacher_loss: torch.Tensor) -> None:
+        """val/teacher_error: ||student - teacher|| / ||teacher|| of the outputs on this batch;
+        val/teacher_loss: the teacher's own task loss on it."""
+        err = (student - teacher).norm() / teacher.norm().clamp_min(1e-12)
+        self.log("val/teacher_error", err, on_epoch=True, sync_dist=True)
+        self.log("val/teacher_loss", teacher_loss, on_epoch=True, sync_dist=True)
+
     def distill(self, task_loss: torch.Tensor, student: torch.Tensor, teacher_out, stage: str) -> torch.Tensor:
         """task_weight * task loss + weight * match-the-teacher term (logged as {stage}/distill)."""
         d = self.recipe["distill"]
@@ -92,7 +103,11 @@ class LgTask(pl.LightningModule):
         # depends on the strategy, and 1 and 2 processes must start from one init.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.recipe["seed"])
-            self.constraint.attach(self.model, init=self.init_mode)
+            if self.init_mode == "dense" and attached_constraint(self.model) is None and \
+                    isinstance(self.constraint, FactorizedConstraint):
+                self._warn_lossy(self.constraint.attach_dense(self.model))
+            else:
+                self.constraint.attach(self.model, init=self.init_mode)
         groups = self.constraint.param_groups(self.model)
         if self.recipe["init"]["unfreeze_at"] >= 0:
             # Trained from `unfreeze_at` on. Under DDP/FSDP it must be trainable when they wrap
@@ -115,6 +130,17 @@ class LgTask(pl.LightningModule):
                 if mod is not self.model and any(True for _ in mod.parameters()):
                     fully_shard(mod, mesh=dp)  # task-side parameters (a MIM decoder) sync too
             self.model._lg_sharded = True
+
+    def _warn_lossy(self, errors: dict[str, float]) -> None:
+        """A dense init.source decomposed in closed form: say what it lost (a refit, which trains
+        against the dense teacher, starts from it on purpose)."""
+        from lgframe.training.refit import LOSSY, lossy_message
+
+        self.dense_weight_error = errors
+        if errors["all"] > LOSSY and not self.recipe.get("teacher") and self.global_rank == 0:
+            log.warning("init.source: %s", lossy_message(self.recipe["init"]["source"], self.constraint.name, errors))
+        else:
+            log.info("init.source decomposed into %s: relative weight error %.3f", self.constraint.name, errors["all"])
 
     def _distributed(self) -> bool:
         trainer = self._trainer
@@ -277,7 +303,10 @@ class DiffusionTask(LgTask):
         if self.teacher is not None and stage is not None:
             with torch.no_grad():
                 target = self.teacher(x_t, t, y)[:, : x.shape[1]]
-            loss = self.distill(loss, pred, target, stage)
+            if stage == "train":
+                loss = self.distill(loss, pred, target, stage)
+            else:  # validation stays the task loss; beside it, how far the student is from the teacher
+                self.log_teacher_match(pred, target, F.mse_loss(target, self.target(x, noise, t)))
         return loss
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -305,7 +334,8 @@ class DiffusionTask(LgTask):
     def validation_step(self, batch, batch_idx):
         # Fixed noise and timesteps per batch: validation losses compare across runs.
         g = torch.Generator().manual_seed(1000 + batch_idx)
-        self.total_loss(self.diffusion_loss(batch, generator=g, dropout=float(self.label_dropout == 1.0)), "val")
+        self.total_loss(self.diffusion_loss(batch, generator=g, dropout=float(self.label_dropout == 1.0), stage="val"),
+                        "val")
 
     @torch.no_grad()
     def sample(
@@ -419,6 +449,17 @@ class ClassificationTask(LgTask):
             c = model.config
             self.mim_decoder = nn.Linear(c.width, c.patch_size**2 * c.in_channels)
 
+    def _warn_lossy(self, errors: dict[str, float]) -> None:
+        """A dense init.source decomposed in closed form: say what it lost (a refit, which trains
+        against the dense teacher, starts from it on purpose)."""
+        from lgframe.training.refit import LOSSY, lossy_message
+
+        self.dense_weight_error = errors
+        if errors["all"] > LOSSY and not self.recipe.get("teacher") and self.global_rank == 0:
+            log.warning("init.source: %s", lossy_message(self.recipe["init"]["source"], self.constraint.name, errors))
+        else:
+            log.info("init.source decomposed into %s: relative weight error %.3f", self.constraint.name, errors["all"])
+
     def _distributed(self) -> bool:
         trainer = self._trainer
         return trainer is not None and trainer.world_size > 1
@@ -468,10 +509,13 @@ class ClassificationTask(LgTask):
         acc(logits, y)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val", on_step=stage == "train", on_epoch=stage != "train")  # torchmetrics syncs itself
         loss = F.cross_entropy(logits, y)
-        if self.teacher is not None and stage == "train":
+        if self.teacher is not None:
             with torch.no_grad():
                 target = self.teacher(x)
-            loss = self.distill(loss, logits, target, stage)
+            if stage == "train":
+                loss = self.distill(loss, logits, target, stage)
+            else:
+                self.log_teacher_match(logits, target, F.cross_entropy(target, y))
         return self.total_loss(loss, stage)
 
     def match_teacher(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
