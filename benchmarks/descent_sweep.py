@@ -34,8 +34,14 @@ from pathlib import Path
 
 import torch
 
-from lgframe.apps.compare import (build_ancestors, ancestor_overrides, descendant_overrides, fit_or_reuse, quality_key,
-                                  size_tag)
+from lgframe.apps.compare import (
+    ancestor_overrides,
+    build_ancestors,
+    descendant_overrides,
+    fit_or_reuse,
+    quality_key,
+    size_tag,
+)
 from lgframe.apps.report import markdown_table, save_figure
 from lgframe.apps.stats import summarize
 from lgframe.formats.files import write_json, write_text
@@ -141,7 +147,9 @@ def report(family: str, work: Path, out: Path, meta: dict) -> Path:
         table = []
         for v in found:
             e = summary[size][v]
-            iv = lambda k: "—" if e.get(k) is None else f"{e[k][0]:.2f} [{e[k][1]:.2f}, {e[k][2]:.2f}]"  # noqa: E731
+            def iv(k, e=e):
+                return "—" if e.get(k) is None else f"{e[k][0]:.2f} [{e[k][1]:.2f}, {e[k][2]:.2f}]"
+
             table.append([v, " ".join(VARIANTS[v][1]) or "(defaults)", f"{e['step0'][0]:.3f}", f"{e['final'][0]:.3f}",
                           f"{e['auc'][0]:.3f}", iv("auc_ratio_to_select"), e.get("auc_verdict_vs_select", "—"),
                           iv("final_ratio_to_select"), iv("auc_ratio_to_scratch")])

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = ["Constraint", "Learngene", "RunResult", "__version__", "create_model", "descend", "evaluate",
-           "extract_learngene", "fit", "get_constraint", "list_constraints", "load_model", "load_recipe", "sample",
-           "save_model"]
+           "extract_learngene", "fit", "get_constraint", "list_constraints", "load_model", "load_recipe", "refit",
+           "sample", "save_model"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily (below)
     from lgframe.api import (  # noqa: F401
@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         list_constraints,
         load_model,
         load_recipe,
+        refit,
         sample,
         save_model,
     )

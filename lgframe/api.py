@@ -57,6 +57,15 @@ def fit(recipe=None, overrides=None, *, model: nn.Module | None = None, extract_
                 model=model)
 
 
+def refit(model: PathLike, constraint: str, out: PathLike, recipe=None, overrides=None):
+    """A dense model file into a constrained ancestor by distillation (`lgframe refit`): the closed
+    form, trained against the dense model on the recipe's data; its learngene written to `out`.
+    Returns a RefitResult (run, learngene, weight_error, teacher_error curve, loss, teacher_loss)."""
+    from lgframe.training.refit import refit as _refit
+
+    return _refit(model, constraint, out, recipe=recipe, overrides=list(overrides or []))
+
+
 def extract_learngene(source: PathLike | nn.Module, constraint=None) -> Learngene:
     """The learngene of a trained model (in memory, or a checkpoint / model file). With
     `constraint`, the model's dense weights are decomposed by it first (a copy: the

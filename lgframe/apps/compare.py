@@ -43,7 +43,6 @@ from lgframe.training.metrics import FEATURE_DATA
 from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import RunResult, evaluate, extract_learngene_file, fit, load_task, plot_curves, read_curve
 
-
 log = logging.getLogger("lgframe")
 
 
