@@ -80,7 +80,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "kind_fresh_tailors": ("kind", ["constraint={name: kind, tailors: fresh}"]),
     # dct (FRONT) and dwt (BoT): training-free; the amplitude rules
     "dct": ("dct", []),
-    "dct_keep_all": ("dct", ["constraint={name: dct, keep: [1.0, 1.0, 1.0]}"]),
+    # (no dct keep variants: `keep` acts when the learngene is extracted, and the sweep reuses compare's
+    # learngene; a keep override on the descendant changes nothing, measured: identical rows on 2026-12-03)
     "dct_no_renormalize": ("dct", ["constraint={name: dct, renormalize: false}"]),
     "dct_fan_in_0": ("dct", ["constraint={name: dct, fan_in_power: 0.0}"]),
     "dct_fan_in_1": ("dct", ["constraint={name: dct, fan_in_power: 1.0}"]),
@@ -100,6 +101,9 @@ def compare_cfg(family: str, work: Path, seeds: int, progress: bool):
     return load_recipe("compare_animals", [f"out_dir={work}", f"name=compare_animals_{family}" if family != "dit"
                                            else "name=compare_animals", *FAMILIES[family],
                                            f"compare.seeds=[{','.join(map(str, range(seeds)))}]",
+                                           # the sweep's default rows are the two phases (unfreeze at half the
+                                           # steps), as measured on 2026-12-03, whatever the recipe now says
+                                           "compare.unfreeze_at=null",
                                            f"trainer.progress={str(progress).lower()}"])
 
 

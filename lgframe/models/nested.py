@@ -1,7 +1,7 @@
 """Nested sub-networks of a model: the narrower (`nested_width`) and shallower
 (`nested_depth`) models a descent builds, run inside the full one. Used by tucker's
-width-wise stochastic scaling (SWEET) and by multi-size ancestor training
-(`multisize:`, WeiT's reading) for any constraint.
+width-wise stochastic scaling (SWEET); meant for multi-size ancestor training
+(WeiT's reading, any constraint), which is not built yet.
 
 A constrained layer whose bank computes a nested slice itself (its bank class sets
 `nested_slices = True` and reads `mod._lg_nested` = (row index, column index), as
