@@ -66,10 +66,9 @@ def nested_rows(role: Role, dims: Dims, ratio: float) -> tuple[torch.Tensor, tor
 
 def _nested_model(model: nn.Module, heads: int) -> tuple[nn.Module, Dims]:
     """The narrower model's module shapes (on the meta device, no memory) and dims."""
-    family, cfg = model_identity(model)
+    _, cfg = model_identity(model)
     with torch.device("meta"):
         if "width" in cfg:
-
             cfg = cfg | {"width": heads * dims_of(cfg).head_dim, "heads": heads}
             sub = model_from_config(cfg)
         else:  # diffusers
