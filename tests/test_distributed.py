@@ -115,6 +115,47 @@ def test_fsdp_two_processes_train_save_and_extract(reference):
     assert all(torch.equal(shards["model." + k], v) for k, v in consolidated.items())
 
 
+def test_fsdp_ema_matches_one_process(tmp_path):
+    """ShardedEMA: each rank averages its shard; the gathered average equals WarmupEMA's on one process."""
+    ema = ["ema.enabled=true", "ema.decay=0.9", "trainer.max_steps=4"]
+    common = [c for c in COMMON if c != "ema.enabled=false"]
+    ref = one_process(tmp_path, "one_ema", "svd", 4, *SGD, *ema[:2])
+    cli("pretrain", "vit_digits_pretrain", f"out_dir={tmp_path}", "name=fsdp_ema", "constraint=svd",
+        "trainer.strategy=fsdp", *TWO, *common, *SGD, *ema, cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    from lgframe.formats.checkpoints import load_distributed_checkpoint
+
+    one = torch.load(ref.checkpoint, weights_only=True)
+    one_avg = {k[len("model."):]: v for k, v in one["state_dict"].items() if k.startswith("model.")}
+    one_cur = {k[len("model."):]: v for k, v in one["current_model_state"].items() if k.startswith("model.")}
+    exported = load_file(tmp_path / "fsdp_ema" / "model.safetensors")
+    assert exported.keys() == one_avg.keys()
+    assert rel_diff(exported, one_avg) < 1e-5  # the exported weights are the average, as on one process
+    assert rel_diff(one_avg, one_cur) > 1e-3  # ... which differs from the training weights
+    shards = load_distributed_checkpoint(tmp_path / "fsdp_ema/checkpoints/last.ckpt")
+    cur = {k[len("model."):]: v for k, v in shards["current_model_state"].items() if k.startswith("model.")}
+    assert rel_diff(cur, one_cur) < 1e-5  # the checkpoint keeps both, in Lightning's layout
+    assert all(torch.equal(shards["state_dict"]["model." + k], v) for k, v in exported.items())
+
+
+@pytest.mark.slow  # 40 s: two 2-process runs
+def test_fsdp_ema_resumes_both_the_average_and_the_training_weights(tmp_path):
+    ema = ["ema.enabled=true", "ema.decay=0.9"]
+    common = [c for c in COMMON if c != "ema.enabled=false"]
+    ref = one_process(tmp_path, "one_ema8", "svd", 8, *SGD, *ema)
+    for steps, more in ((4, []), (8, ["resume=auto"])):
+        cli("pretrain", "vit_digits_pretrain", f"out_dir={tmp_path}", "name=fsdp_ema", "constraint=svd",
+            "trainer.strategy=fsdp", f"trainer.max_steps={steps}", *TWO, *common, *SGD, *ema, *more, cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    one = torch.load(ref.checkpoint, weights_only=True)
+    one_avg = {k[len("model."):]: v for k, v in one["state_dict"].items() if k.startswith("model.")}
+    assert rel_diff(load_file(tmp_path / "fsdp_ema" / "model.safetensors"), one_avg) < 1e-5
+    curve = read_curve(tmp_path / "fsdp_ema", "val/loss")
+    assert [s for s, _ in curve][-2:] == [4, 8] and abs(curve[-1][1] - ref.curve[-1][1]) < 1e-3
+
+
 @pytest.mark.slow  # 50 s: four multi-process runs
 def test_resume_across_world_sizes(reference):
     out, _ = reference

@@ -107,6 +107,7 @@ def test_kill_inside_an_epoch_resumes_exactly(tmp_path):
 def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     cfg = ["model.name=DiT-Pico/2", "trainer.max_steps=3", "trainer.val_every=3", "trainer.progress=false", "sample.n=0"]
     first = fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=done", *cfg]))
+    ckpt = torch.load(first.checkpoint, weights_only=True)
     before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}
     again = fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=done", "resume=auto", *cfg]))
     assert again.finished and again.run_dir == first.run_dir and again.curve == first.curve
@@ -114,6 +115,12 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path):
     more = fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=done", "resume=auto",
                                                    *cfg[:1], "trainer.max_steps=6", *cfg[2:]]))
     assert not more.finished and more.curve[-1][0] == 6  # raising max_steps continues it
+    # ... from the training weights, not the average: the final checkpoint keeps both (it is
+    # written before the average is copied into the model), so it is the 6-step run
+    assert max((ckpt["state_dict"][k] - v).abs().max().item() for k, v in ckpt["current_model_state"].items()) > 1e-5
+    straight = fit(load_recipe("dit_digits_pretrain", [f"out_dir={tmp_path}", "name=six", *cfg[:1],
+                                                       "trainer.max_steps=6", *cfg[2:]]))
+    assert abs(more.curve[-1][1] - straight.curve[-1][1]) < 1e-4
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):

@@ -154,7 +154,8 @@ def load_distributed_checkpoint(path: Path) -> dict:
     reader, _, empty = _safe_dcp_classes()
     state: dict = {}
     try:
-        _load_state_dict(state, storage_reader=reader(str(path)), planner=empty(keys={"state_dict"}), no_dist=True)
+        _load_state_dict(state, storage_reader=reader(str(path)), planner=empty(keys={"state_dict", "current_model_state"}),
+                         no_dist=True)
     except LgframeError:
         raise
     except BaseException as e:  # CheckpointException is a BaseException
@@ -165,6 +166,8 @@ def load_distributed_checkpoint(path: Path) -> dict:
             raise inner from None
         raise LgframeError(f"distributed checkpoint '{path}' could not be read: {_torch_load_reason(inner)}") from None
     ckpt["state_dict"] = state.get("state_dict", {})
+    if "current_model_state" in state:  # written with ShardedEMA: state_dict is the average
+        ckpt["current_model_state"] = state["current_model_state"]
     return ckpt
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -37,6 +38,7 @@ from typing_extensions import override
 
 from lgframe.errors import LgframeError
 from lgframe.formats.checkpoints import dcp_inner_error, dcp_load, load_checkpoint, read_dcp_metadata
+from lgframe.training.ema import sharded_ema
 
 COMPLETE = ".lgframe-complete"  # marker written into a staging folder once every shard is on disk
 
@@ -121,7 +123,16 @@ class ShardedStrategy(ModelParallelStrategy):
         if self.global_rank == 0 and staging.exists():
             shutil.rmtree(staging)
         self.barrier("lgframe_checkpoint_staging")
-        super().save_checkpoint(checkpoint, staging, storage_options)
+        if "current_model_state" in checkpoint:  # ShardedEMA: the average in state_dict, both written as shards
+            staging.mkdir(parents=True, exist_ok=True)
+            converted = {"state_dict": checkpoint.pop("state_dict"),
+                         "current_model_state": checkpoint.pop("current_model_state")}
+            converted.update({f"optimizer_{i}": o for i, o in enumerate(checkpoint.pop("optimizer_states", []))})
+            _distributed_checkpoint_save(converted, staging)
+            if self.global_rank == 0:
+                torch.save(checkpoint, staging / "meta.pt")
+        else:
+            super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("lgframe_checkpoint_written")
         if self.global_rank == 0:
             swap_in(staging, path)
@@ -132,13 +143,25 @@ class ShardedStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if path.is_file():
             return super().load_checkpoint(path, weights_only=True)
-        read_dcp_metadata(path)  # refuses a crafted .metadata before torch sees the folder
+        md = read_dcp_metadata(path)  # refuses a crafted .metadata before torch sees the folder
         meta = load_checkpoint(path / "meta.pt")
         module = self.model
+        with_average = any(k.startswith("current_model_state.") for k in md.state_dict_metadata)
+        ema = sharded_ema(self.lightning_module.trainer)
         try:
-            state = {"state_dict": get_model_state_dict(module)}
+            # a checkpoint written with ShardedEMA keeps the training weights in current_model_state
+            key = "current_model_state" if with_average else "state_dict"
+            state = {key: get_model_state_dict(module)}
             dcp_load(state, path)
-            module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+            module.load_state_dict(state[key], strict=self.lightning_module.strict_loading)
+            if ema is not None:  # the average: from state_dict, or the weights themselves for an EMA-less checkpoint
+                average = {"state_dict": ema.build(self.lightning_module)} if with_average else None
+                if average is not None:
+                    dcp_load(average, path)
+                else:
+                    with torch.no_grad():
+                        for k, v in get_model_state_dict(module).items():
+                            ema.average[k].copy_(v)
             for i, optim in enumerate(self.optimizers):
                 key = f"optimizer_{i}"
                 ostate = {key: get_optimizer_state_dict(module, optim)}

@@ -36,7 +36,7 @@ from lgframe.models.files import CONSOLIDATED, build_model, model_meta, read_mod
 from lgframe.models.registry import model_from_config, parse_size, resolve_config
 from lgframe.training.checkpointing import AtomicCheckpointIO, FiniteCheckpoint
 from lgframe.training.distributed import make_sharded_strategy, recover_checkpoints
-from lgframe.training.ema import WarmupEMA
+from lgframe.training.ema import ShardedEMA, WarmupEMA
 from lgframe.training.metrics import FEATURE_DATA, class_accuracy, digits_fid, inception_fid
 from lgframe.training.progress import StepProgressBar
 from lgframe.training.recipes import constraint_spec, load_recipe, to_plain, validate
@@ -366,8 +366,8 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
         every_n_train_steps=t.checkpoint_every or None,
     )
     callbacks: list = [ckpt_cb] + ([StepProgressBar(label or cfg.name)] if t.progress else [])
-    if cfg.ema.enabled and sharded:
-        warnings.warn("ema is off under trainer.strategy=fsdp: Lightning's WeightAveraging does not support sharded models", stacklevel=2)
+    if cfg.ema.enabled and sharded:  # Lightning's WeightAveraging copies the whole module: each rank averages its shard
+        callbacks.append(ShardedEMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup, update_starting_at_step=cfg.ema.start_step))
     elif cfg.ema.enabled:
         callbacks.append(WarmupEMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup, update_starting_at_step=cfg.ema.start_step))
     with warnings.catch_warnings():
