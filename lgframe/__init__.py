@@ -7,6 +7,7 @@ The public Python API (the notebook form of the CLI's stages)::
     lg = lgframe.Learngene.load(run.learngene)
     small = lgframe.descend(lg, "DiT-Pico/2")
     images = lgframe.sample(small, n=10)
+    lgframe.save_pretrained(small, "pico")  # a hub-style folder; lgframe.from_pretrained("pico")
 
 Names are imported on first use, so `import lgframe` (and the CLI's `--help`) stays
 fast and never pulls in torch or Lightning by itself.
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 __all__ = ["Constraint", "Learngene", "RunResult", "__version__", "create_model", "descend", "evaluate",
-           "extract_learngene", "fit", "get_constraint", "list_constraints", "load_model", "load_recipe", "refit",
-           "sample", "save_model"]
+           "extract_learngene", "fit", "from_pretrained", "get_constraint", "list_constraints", "load_model",
+           "load_recipe", "refit", "sample", "save_model", "save_pretrained"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily (below)
     from lgframe.api import (  # noqa: F401
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         evaluate,
         extract_learngene,
         fit,
+        from_pretrained,
         get_constraint,
         list_constraints,
         load_model,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         refit,
         sample,
         save_model,
+        save_pretrained,
     )
 
 

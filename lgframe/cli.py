@@ -129,10 +129,29 @@ def _check_learngene_out(args, *inputs) -> None:
 def cmd_learngene(args) -> int:
     from lgframe.training.stages import extract_learngene_file  # deferred: torch, Lightning, diffusers
 
-    _check_learngene_out(args, args.checkpoint)
-    st, js = extract_learngene_file(args.checkpoint, args.out, args.constraint, allow_lossy=args.allow_lossy)
-    manifest = json.loads(js.read_text())
-    print(f"wrote {st} and {js}")
+    if not args.folder:
+        _check_learngene_out(args, args.checkpoint)
+        st, js = extract_learngene_file(args.checkpoint, args.out, args.constraint, allow_lossy=args.allow_lossy)
+        manifest = json.loads(js.read_text())
+        print(f"wrote {st} and {js}")
+    else:
+        import tempfile  # deferred: --folder only
+
+        from lgframe.api import run_facts  # deferred: torch, Lightning, diffusers
+        from lgframe.formats.learngene import Learngene  # deferred: torch, safetensors
+        from lgframe.models.files import read_model  # deferred: torch
+
+        out = _check_out(args, args.checkpoint, folder=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:  # beside: same disk
+            st, _ = extract_learngene_file(args.checkpoint, Path(tmp) / "learngene", args.constraint,
+                                           allow_lossy=args.allow_lossy)
+            lg = Learngene.load(st)
+        lg.about = run_facts(args.checkpoint, read_model(args.checkpoint)[1])  # the checkpoint is read a second time
+        lg.save_pretrained(out)
+        manifest = lg.manifest()
+        print(f"wrote {out}: learngene.safetensors, learngene.json and a README.md model card "
+              f"(lgframe.Learngene.from_pretrained('{out}'), or `lgframe descend {out} ...`)")
     print("bytes: " + ", ".join(f"{k} {v:,}" for k, v in manifest["bytes"].items()))
     return 0
 
@@ -265,11 +284,15 @@ def cmd_import(args) -> int:
 
 def cmd_export(args) -> int:
     from lgframe.models.convert import to_diffusers, to_timm  # deferred: torch, diffusers, timm
-    from lgframe.models.files import read_model  # deferred: torch
+    from lgframe.models.files import read_model, save_pretrained  # deferred: torch
 
     _check_out(args, args.checkpoint, folder=True)
-    model, _ = read_model(args.checkpoint)
-    if args.format == "diffusers":
+    model, meta = read_model(args.checkpoint)
+    if args.format == "lgframe":
+        save_pretrained(model, args.out, meta)
+        print(f"wrote {args.out}: config.json and model.safetensors ({'EMA' if meta.get('ema') else 'trained'} "
+              f"weights; lgframe.from_pretrained('{args.out}'), or any command that reads a model)")
+    elif args.format == "diffusers":
         to_diffusers(model, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}: a diffusers DiTTransformer2DModel (DiTTransformer2DModel.from_pretrained('{args.out}'))")
     else:
@@ -420,7 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("learngene", help="extract the learngene of a trained checkpoint")
     s.add_argument("checkpoint", help=".ckpt or model .safetensors written by lgframe")
-    s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside)")
+    s.add_argument("--out", required=True, help="learngene file (.safetensors; a .json manifest is written beside), "
+                                                "or with --folder a folder")
+    s.add_argument("--folder", action="store_true",
+                   help="write a hub-style folder at --out: learngene.safetensors, learngene.json and a README.md model "
+                        "card (constraint, ancestor, data and the run's figures)")
     s.add_argument("--constraint", default=None,
                    help="decompose the checkpoint's dense weights with this constraint (default: the one it was trained with)")
     s.add_argument("--allow-lossy", action="store_true",
@@ -440,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_refit)
 
     s = sub.add_parser("descend", help="initialize a model of another size from a learngene")
-    s.add_argument("learngene", help="learngene .safetensors (with its .json manifest)")
+    s.add_argument("learngene", help="learngene .safetensors (with its .json manifest), or a learngene folder")
     s.add_argument("--model", required=True, nargs="+",
                    help="target size: a name (DiT-Pico/2) and/or depth=N width=N heads=N (over the ancestor's)")
     s.add_argument("--out", required=True, help="descendant model file (.safetensors)")
@@ -473,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("export", help="an lgframe DiT -> diffusers folder, or ViT -> timm folder (any size; "
-                                      "constraints are materialized)")
-    s.add_argument("format", choices=("diffusers", "timm"))
-    s.add_argument("checkpoint", help=".ckpt, model .safetensors or fsdp checkpoint folder")
+                                      "constraints are materialized); lgframe: any model -> a hub-style folder "
+                                      "(config.json + model.safetensors, constraint kept)")
+    s.add_argument("format", choices=("diffusers", "timm", "lgframe"))
+    s.add_argument("checkpoint", help=".ckpt, model .safetensors, model folder or fsdp checkpoint folder")
     s.add_argument("--out", required=True, help="output folder (replaced atomically)")
     s.set_defaults(func=cmd_export)
 

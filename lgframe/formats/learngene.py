@@ -1,4 +1,6 @@
-"""Learngene files: `NAME.safetensors` (tensors) + `NAME.json` (manifest).
+"""Learngene files: `NAME.safetensors` (tensors) + `NAME.json` (manifest), or a
+hub-style folder of them (`save_pretrained`: learngene.safetensors, learngene.json
+and a README.md model card).
 
 Tensor names carry their group:
 - `learngene/<role>/<factor>`: the size-agnostic tensors (shared by layers and sizes);
@@ -9,7 +11,9 @@ Tensor names carry their group:
 The manifest records the constraint and its options, the format version, the
 model family and ancestor config, role shapes, bytes per group and the SHA-256
 of every tensor; loading checks all of them. The manifest is also embedded in
-the safetensors metadata so the tensor file alone is self-describing.
+the safetensors metadata so the tensor file alone is self-describing. An optional
+`about` records where the learngene came from (run, data, figures), when known;
+it describes and is not checked.
 """
 
 from __future__ import annotations
@@ -18,19 +22,23 @@ import hashlib
 import json
 import logging
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lgframe.errors import LgframeError
-from lgframe.formats.files import read_safetensors, save_tensors, write_json
+from lgframe.formats.files import atomic_dir, read_safetensors, save_tensors, write_json, write_text
 
 log = logging.getLogger("lgframe")
 
 FORMAT = "lgframe.learngene"
 FORMAT_VERSION = 1
 GROUPS = ("learngene", "scalers", "rest")
+FOLDER_TENSORS, FOLDER_MANIFEST, FOLDER_CARD = "learngene.safetensors", "learngene.json", "README.md"
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -90,6 +98,129 @@ def check_manifest(m: dict, where) -> None:
         if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str)
                 and isinstance(entry.get("sha256"), str)):
             bad(f"tensors.{k}", "must hold shape (a list), dtype and sha256 (strings)")
+    if not isinstance(m.get("about", {}), dict):
+        bad("about", f"must be a mapping (where the learngene came from), not {type(m['about']).__name__}")
+
+
+# ------------------------------------------------------------------ hub-style folders
+@contextmanager
+def pretrained_folder(folder: str | os.PathLike, own: dict[str, Callable[[Path], bool] | None],
+                      what: str) -> Iterator[Path]:
+    """A temporary folder beside `folder`, renamed to `folder` once written (`atomic_dir`).
+
+    `folder` may be missing, empty, or an earlier folder of this kind, which is then
+    replaced: it holds only files named in `own`, and the first of them (the marker,
+    e.g. config.json) is there and passes its check. Anything else is a user's folder
+    (their notes, a git clone, a timm export): refused, and left exactly as it is."""
+    p = Path(folder)
+    if p.is_dir() and any(p.iterdir()):
+        marker, check = next(iter(own.items()))
+        foreign = sorted(x.name for x in p.iterdir() if x.name not in own or not x.is_file())
+        if foreign:
+            why = f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which lgframe did not write"
+        elif not (p / marker).is_file() or (check is not None and not check(p / marker)):
+            why = f"its {marker} is missing or was not written by lgframe"
+        else:
+            why = None
+        if why:
+            raise LgframeError(f"'{p}' exists and is not an lgframe {what} ({why}); it is left as it is. lgframe "
+                               f"replaces only a {what} it wrote: choose a new folder, or empty this one first.")
+    with atomic_dir(p, replace=True) as tmp:
+        yield tmp
+
+
+def _json_format(path: Path) -> str | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get("format") if isinstance(obj, dict) else None
+
+
+def _is_card(path: Path) -> bool:
+    try:
+        head = path.read_text(errors="replace")[:2000]
+    except OSError:
+        return False
+    return head.startswith("---\n") and "\nlibrary_name: lgframe\n" in head
+
+
+def _cell(v) -> str:
+    """A value for a Markdown table cell: strings as they are, the rest as compact JSON."""
+    text = v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml_str(v: str) -> str:
+    return v if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) else json.dumps(v)
+
+
+def _table(rows: list[tuple], head: tuple) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+
+
+def model_card(lg: Learngene, name: str = "LEARNGENE_FOLDER") -> str:
+    """The README.md of a learngene folder: YAML front matter as Hugging Face cards have it
+    (library_name: lgframe, tags), then the constraint and its options, the ancestor's
+    config, the tensors, the data and figures of its run when `lg.about` has them, and
+    how to descend it. `name` is the folder's name, for the commands shown."""
+    a = lg.ancestor_config
+    family = {"dit": "DiT", "vit": "ViT"}.get(lg.family, lg.family)
+    task = {"dit": "image-generation", "vit": "image-classification"}.get(lg.family)
+    tags = ["lgframe", "learngene", lg.constraint, lg.family] + ([task] if task else [])
+    depth = a.get("depth")
+    smaller = max(1, depth // 2) if isinstance(depth, int) else 2
+    size = ", ".join(f"{k} {a[k]}" for k in ("depth", "width", "heads") if k in a)
+    lines = ["---", "library_name: lgframe", "tags:", *[f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)], "---", "",
+             f"# {lg.constraint} learngene of a {family} ({size})", "",
+             f"A learngene: the size-agnostic part of an ancestor {family} trained under the `{lg.constraint}` "
+             "constraint, from which lgframe initializes descendant models of other sizes (see the "
+             "lgframe README: learngenes, descend).", "",
+             "## Use", "", "```python", "import lgframe", "",
+             f'lg = lgframe.Learngene.from_pretrained("{name}")',
+             f"model = lgframe.descend(lg, depth={smaller})  # or a size name: descend(lg, \"{family}-Pico/2\")", "```", "",
+             "or on the command line:", "", "```",
+             f"lgframe descend {name} --model depth={smaller} --out descendant.safetensors", "```", "",
+             "## Constraint", "", f"`{lg.constraint}`, with the options it was trained with:", "",
+             *_table(sorted(lg.options.items()), ("option", "value")), "",
+             "## Ancestor model", "", f"Family `{lg.family}`; its config:", "",
+             *_table(sorted(a.items()), ("key", "value")), "",
+             "## Tensors", "",
+             *_table([(g, len(lg.group(g)), f"{lg.bytes(g):,}") for g in GROUPS], ("group", "tensors", "bytes")), "",
+             *_table([(r, *s) for r, s in sorted(lg.roles.items())], ("role", "layers L", "m", "n")), ""]
+    lines += ["## Data and training", ""] + _about_lines(lg.about)
+    lines += ["", "## Files", "",
+              f"- `{FOLDER_TENSORS}`: the tensors (`learngene/`, `scalers/`, `rest/` by group); the manifest is also "
+              "in its safetensors metadata.",
+              f"- `{FOLDER_MANIFEST}`: the manifest: constraint and options, ancestor config, role shapes, bytes per "
+              "group and the SHA-256 of every tensor; loading checks all of them.",
+              f"- `{FOLDER_CARD}`: this card, generated by lgframe (saving the learngene again rewrites it).", ""]
+    return "\n".join(lines)
+
+
+def _about_lines(about: dict) -> list[str]:
+    if not about:
+        return ["Not recorded: this learngene was saved without its run. Extract it from its checkpoint "
+                "(`lgframe learngene CHECKPOINT --folder --out FOLDER`, or `lgframe.extract_learngene(CHECKPOINT)`) "
+                "to record the data and the run's figures here."]
+    labels = {"run": "run folder", "file": "extracted from", "recipe": "recipe", "task": "task", "data": "data",
+              "max_steps": "steps (recipe)", "global_step": "steps (checkpoint)", "ema": "EMA weights"}
+    def shown(k, v):
+        if k == "data" and isinstance(v, dict) and "name" in v:  # digits (classes [0, 3])
+            more = ", ".join(f"{x} {_cell(y)}" for x, y in v.items() if x != "name")
+            return f"{v['name']} ({more})" if more else v["name"]
+        return ("yes" if v else "no") if isinstance(v, bool) else v
+
+    rows = [(labels[k], shown(k, about[k])) for k in labels if k in about]
+    rows += [(k, v) for k, v in sorted(about.items()) if k not in labels and k != "metrics"]
+    out = _table(rows, ("what", "value"))
+    metrics = about.get("metrics") or {}
+    if metrics:
+        out += ["", "Validation figures of the run (optimizer steps):", ""]
+        out += _table([(k, f"{pts[0][1]:.4g} (step {pts[0][0]})", f"{pts[-1][1]:.4g} (step {pts[-1][0]})")
+                       for k, pts in sorted(metrics.items()) if pts], ("metric", "first", "last"))
+    return out
 
 
 @dataclass
@@ -100,6 +231,7 @@ class Learngene:
     ancestor_config: dict
     roles: dict[str, list[int]]  # role -> [L, m, n]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    about: dict = field(default_factory=dict)  # where it came from (run, data, figures), when known; not checked
 
     def group(self, name: str) -> dict[str, torch.Tensor]:
         """Tensors of one group, names without the group prefix."""
@@ -171,7 +303,7 @@ class Learngene:
                 k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": tensor_sha256(t)}
                 for k, t in sorted(self.tensors.items())
             },
-        }
+        } | ({"about": self.about} if self.about else {})
 
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         st, js = paths_for(path)
@@ -183,11 +315,40 @@ class Learngene:
         write_json(js, manifest)
         return st, js
 
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """A hub-style folder: `learngene.safetensors` and `learngene.json` (what `save`
+        writes) and `README.md`, a model card (`model_card`). Written to a temporary
+        folder beside, then renamed: an interrupted save leaves no half folder. An
+        existing folder is replaced only when it is an earlier learngene folder (those
+        three files and nothing else; an edited card is rewritten); any other folder
+        raises LgframeError and is left untouched. Returns the folder."""
+        own = {FOLDER_MANIFEST: lambda f: _json_format(f) == FORMAT, FOLDER_TENSORS: None, FOLDER_CARD: _is_card}
+        with pretrained_folder(folder, own, "learngene folder") as tmp:
+            self.save(tmp / FOLDER_TENSORS)
+            write_text(tmp / FOLDER_CARD, model_card(self, Path(folder).name))
+        return Path(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, constraint: str | None = None,
+                        family: str | None = None) -> Learngene:
+        """The learngene of a folder written by `save_pretrained` (or a run folder, which
+        holds learngene.safetensors and .json too), verified as `load` does."""
+        p = Path(folder)
+        if not (p / FOLDER_TENSORS).is_file():
+            hint = (f" It holds a model (config.json): extract its learngene with `lgframe learngene {p} --folder "
+                    "--out FOLDER`." if (p / "config.json").is_file() else "")
+            raise LgframeError(f"'{p}' is not a learngene folder: it has no {FOLDER_TENSORS}.{hint}")
+        return cls.load(p / FOLDER_TENSORS, constraint, family)
+
     @classmethod
     def load(
         cls, path: str | os.PathLike, constraint: str | None = None, family: str | None = None
     ) -> Learngene:
-        """Load and verify. `constraint` / `family`, when given, must match the manifest."""
+        """Load and verify a learngene file (or folder: `from_pretrained`). `constraint` /
+        `family`, when given, must match the manifest."""
+        p = Path(path)
+        if p.is_dir() and ((p / FOLDER_TENSORS).is_file() or not paths_for(p)[0].is_file()):  # NAME/, not NAME.safetensors
+            return cls.from_pretrained(p, constraint, family)
         st, js = paths_for(path)
         tensors, meta = read_safetensors(st, "learngene file")
         if js.is_file():
@@ -253,4 +414,5 @@ class Learngene:
             ancestor_config=manifest["model"]["ancestor_config"],
             roles=manifest["roles"],
             tensors=tensors,
+            about=manifest.get("about", {}),
         )
