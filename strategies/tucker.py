@@ -193,9 +193,13 @@ class TuckerBank(Bank):
 def open_core_cache(bank: TuckerBank, root: nn.Module) -> None:
     """Before a forward of the whole model: the bank may batch its layer cores for
     this forward. Off where the per-layer scalers are sharded (FSDP2 DTensors: only
-    the running block's are gathered)."""
+    the running block's are gathered), and under activation checkpointing (a block's
+    recompute in the backward runs after the forward closed the cache: each block
+    then computes its own cores, the same way both times)."""
     layers: dict[str, list[ConstrainedLinear]] = {}
     for m in root.modules():
+        if getattr(m, "activation_checkpointing", False) or getattr(m, "gradient_checkpointing", False) is True:
+            return
         if isinstance(m, ConstrainedLinear):
             if type(m.A).__name__ == "DTensor":
                 return

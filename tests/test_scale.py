@@ -108,3 +108,76 @@ def test_wandb_without_the_package_is_one_clear_error(tmp_path):
     with pytest.raises(LgframeError, match=r'needs the wandb package: pip install "lgframe\[wandb\]"'):
         _vit(tmp_path, "wb", "trainer.logger=[csv,wandb]")
     assert not (tmp_path / "wb").exists()  # refused before the run folder is made
+
+
+def _grads_and_saved_bytes(model, x, t, y) -> tuple[dict, int]:
+    """Gradients of one forward-backward and the bytes autograd kept for the backward (the
+    activations, parameters' own storages excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, t, y)
+    out.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved.values())
+
+
+@pytest.mark.parametrize("constraint", ["scratch", "svd", "tucker"])
+def test_activation_checkpointing_same_gradients_less_memory(constraint):
+    from lgframe.core.registry import get_constraint
+    from lgframe.models.registry import create_model
+    from lgframe.training.speed import set_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = create_model("DiT-Pico/2", depth=4, image_size=8, in_channels=1)
+    get_constraint(constraint).attach(model, init="random")
+    for block in model.blocks:  # adaLN-Zero blocks start as the identity: give them something to compute
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.05)
+    x, t, y = torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))
+    plain, plain_bytes = _grads_and_saved_bytes(model, x, t, y)
+    assert set_activation_checkpointing(model) == 4
+    ckpt, ckpt_bytes = _grads_and_saved_bytes(model, x, t, y)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+    # only each block's inputs are kept: under a third of the activations at depth 4
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
+    with torch.no_grad():  # inference is unchanged
+        set_activation_checkpointing(model, False)
+        ref = model(x, t, y)
+        set_activation_checkpointing(model, True)
+        assert torch.equal(model(x, t, y), ref)
+
+
+def test_activation_checkpointing_in_a_run(tmp_path):
+    """The recipe switch reaches the model: a run with activation checkpointing is the same run (SGD)."""
+    plain = _vit(tmp_path, "plain", "data.batch_size=16")
+    ac = _vit(tmp_path, "ac", "data.batch_size=16", "trainer.activation_checkpointing=true")
+    assert all(b.activation_checkpointing for b in ac.task.model.blocks)
+    a, b = plain.task.model.state_dict(), ac.task.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a cold inductor compile on 2 cores: about 90 s
+def test_compile_in_a_run(tmp_path):
+    """trainer.compile: the blocks are compiled in place (same names) and the run ends where the
+    plain one does; or the test says why the compiler does not work on this machine."""
+    try:
+        torch.compile(lambda v: v * 2)(torch.ones(2))
+    except Exception as e:  # no working compiler on this machine
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e)[:200]}")
+    plain = _vit(tmp_path, "plain", "data.batch_size=16")
+    a = plain.task.model.state_dict()
+    comp = _vit(tmp_path, "comp", "data.batch_size=16", "trainer.compile=true")
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in comp.task.model.blocks)
+    c = comp.task.model.state_dict()
+    assert c.keys() == a.keys()  # compiling in place keeps the parameter names
+    assert comp.curve[-1][1] == pytest.approx(plain.curve[-1][1], rel=1e-3)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -173,7 +174,26 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 
-class DiTBlock(nn.Module):
+class CheckpointedBlock(nn.Module):
+    """A repeated block whose activations can be recomputed in the backward pass
+    (`activation_checkpointing = True`, set by `lgframe.training.speed.set_activation_checkpointing`):
+    only the block's inputs are kept, torch.utils.checkpoint (non-reentrant) runs `block_forward`
+    again in the backward. The switch is checked inside `forward`, after the module's own
+    hooks (FSDP2's unshard), so it composes with sharding, and it is an attribute, so a
+    deep copy (the EMA's) carries it."""
+
+    activation_checkpointing = False
+
+    def forward(self, *args):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.block_forward, *args, use_reentrant=False)
+        return self.block_forward(*args)
+
+    def block_forward(self, *args):
+        raise NotImplementedError
+
+
+class DiTBlock(CheckpointedBlock):
     """Transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh"):
@@ -184,7 +204,7 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lgframe.models.dit import Attention, Mlp, PatchEmbed, TransformerConfig
+from lgframe.models.dit import Attention, CheckpointedBlock, Mlp, PatchEmbed, TransformerConfig
 
 
 @dataclass
@@ -21,7 +21,7 @@ class ViTConfig(TransformerConfig):
     family: str = "vit"
 
 
-class Block(nn.Module):
+class Block(CheckpointedBlock):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu_tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

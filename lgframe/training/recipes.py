@@ -92,6 +92,11 @@ class TrainerCfg:
     nan_skip: int = 0  # non-finite gradient steps to skip before stopping the run
     accumulate_grad_batches: int = 1  # batches per optimizer step; max_steps, val_every count optimizer steps
     logger: list[str] = field(default_factory=lambda: ["csv"])  # csv (always kept) + tensorboard, wandb (offline)
+    # recompute each block's activations in the backward (memory for compute; lgframe/training/speed.py)
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile of each block (needs a working compiler: a C++ one on CPU, triton on GPU)
+    # TF32 matmuls on CUDA (torch.set_float32_matmul_precision("high")): Ampere and later, for 32-true runs
+    tf32: bool = True
 
 
 @dataclass

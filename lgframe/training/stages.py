@@ -366,6 +366,8 @@ def _fit_in(cfg, task, dm, run_dir: Path, resume, extract_learngene: bool, recip
         every_n_train_steps=t.checkpoint_every or None,
     )
     callbacks: list = [ckpt_cb] + ([StepProgressBar(label or cfg.name)] if t.progress else [])
+    if t.tf32 and torch.cuda.is_available():  # TF32 tensor-core matmuls for float32 (a no-op before Ampere)
+        torch.set_float32_matmul_precision("high")
     if cfg.ema.enabled and sharded:  # Lightning's WeightAveraging copies the whole module: each rank averages its shard
         callbacks.append(ShardedEMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup, update_starting_at_step=cfg.ema.start_step))
     elif cfg.ema.enabled:

@@ -34,6 +34,7 @@ from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
 from lgframe.formats.checkpoints import load_checkpoint
 from lgframe.models.files import model_meta, read_model
+from lgframe.training.speed import compile_blocks, set_activation_checkpointing
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -119,6 +120,12 @@ class LgTask(pl.LightningModule):
             if rate == 0:  # a rate of 0 freezes: no gradient, not in the optimizer, bit-identical
                 for p in groups[name]:
                     p.requires_grad_(False)
+        t = self.recipe.get("trainer", {})
+        if t.get("activation_checkpointing"):
+            set_activation_checkpointing(self.model)
+        if t.get("compile") and not getattr(self.model, "_lg_compiled", False):
+            compile_blocks(self.model)
+            self.model._lg_compiled = True
         mesh = self.device_mesh
         if mesh is not None and not getattr(self.model, "_lg_sharded", False):
 
@@ -181,8 +188,9 @@ class LgTask(pl.LightningModule):
         param_groups = [{"params": members[n], "lr": rates[n], "name": n} for n in names]
         if o["name"] == "sgd":
             opt = torch.optim.SGD(param_groups, lr=o["lr"], momentum=0.9, weight_decay=o["weight_decay"])
-        else:
-            opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"])
+        else:  # the fused kernel on CUDA (one launch for all parameters), as timm and torchtitan use it
+            fused = all(p.is_cuda for g in param_groups for p in g["params"]) or None
+            opt = torch.optim.AdamW(param_groups, lr=o["lr"], weight_decay=o["weight_decay"], fused=fused)
         warm, at = o["warmup_steps"], self.recipe["init"]["unfreeze_at"]
         again = self.recipe["init"].get("unfreeze_warmup")
         again = warm if again is None else again
