@@ -165,3 +165,16 @@ def test_a_folder_lgframe_did_not_write_is_never_replaced(run, tmp_path, capsys)
     lgframe.save_pretrained(other, m)
     assert torch.equal(outputs(lgframe.from_pretrained(m)), outputs(other))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_learngene_folder_is_an_init_source(tmp_path):
+    lg = get_constraint("svd").learngene(model_of("svd"))
+    folder = lg.save_pretrained(tmp_path / "lgdir")
+    st, _ = lg.save(tmp_path / "lg.safetensors")
+    runs = []
+    for name, src in (("folder", folder), ("file", st)):
+        cfg = load_recipe("dit_digits_descend", [f"out_dir={tmp_path}", f"name={name}", "model.name=DiT-Pico/2",
+                                                 f"init.source={src}", "constraint=svd", "trainer.max_steps=2",
+                                                 "trainer.val_every=2", "trainer.progress=false", "sample.n=0"])
+        runs.append(fit(cfg, extract_learngene=False))
+    assert runs[0].curve == runs[1].curve and len(runs[0].curve) == 2

@@ -242,3 +242,17 @@ def test_unsupported_transformers_models_are_refused():
         hf_model(lg, hidden_szie=16)
     with pytest.raises(LgframeError, match="BertModel cannot be built with"):
         hf_model(lg, hidden_size=30, num_attention_heads=4)
+
+
+def test_lgframe_descend_takes_the_size_of_a_transformers_learngene_as_keywords(tmp_path):
+    import lgframe
+
+    lg = get_constraint("select").learngene(bert())
+    lg.save(tmp_path / "lg.safetensors")
+    small = lgframe.descend(tmp_path / "lg.safetensors", depth=2, width=16, heads=1, mlp_hidden=32)
+    assert isinstance(small, transformers.BertModel)
+    assert (small.config.num_hidden_layers, small.config.hidden_size, small.config.intermediate_size) == (2, 16, 32)
+    ref = descend_hf(lg, **SMALL)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in small.state_dict().items())
+    with pytest.raises(LgframeError, match="as keywords"):
+        lgframe.descend(lg, "DiT-Pico/2")

@@ -63,6 +63,8 @@ def source_kind(path: str | os.PathLike) -> str:
     if not p.exists() and not paths_for(p)[0].exists():
         raise LgframeError(f"init source '{p}' does not exist; give a checkpoint (.ckpt or an fsdp checkpoint folder), a "
                            "model .safetensors, or a learngene .safetensors with its .json manifest.")
+    if p.is_dir() and (p / "learngene.safetensors").is_file():  # a folder from Learngene.save_pretrained
+        return "learngene"
     if p.suffix in (".ckpt", ".pt", ".pth") or p.is_dir():
         return "checkpoint"
     st, js = paths_for(p)
@@ -455,6 +457,13 @@ def descendant(learngene: Learngene, size: str | list[str] | None = None, option
                **dims) -> nn.Module:
     """A descendant model of `size` (a table name and/or depth=/width=/heads= over the
     ancestor's size; `dims` adds depth=, width=, heads= as keywords), in memory."""
+    if str(learngene.family).startswith("transformers:"):  # a Hugging Face ancestor: its own config, changed
+        from lgframe.models.hf import descend_hf
+
+        if size:
+            raise LgframeError(f"the learngene comes from a {learngene.family} model: give its size as keywords "
+                               "(depth=, width=, heads=, mlp_hidden= or the transformers config fields), not a table name")
+        return descend_hf(learngene, options=options, **{k: v for k, v in dims.items() if v is not None})
     name, overrides = parse_size(size) if size else (None, {})
     overrides |= {k: v for k, v in dims.items() if v is not None}
     anc = learngene.ancestor_config
