@@ -7,7 +7,9 @@ Four configurations, same LoRA rank, subject and steps:
   both   the two together (DiT-BlockSkip)
 
 Memory: counted bytes of one training step (parameters, gradients, AdamW
-state, tensors autograd saves for backward; lgframe.personalize.step_memory),
+state, the EMA copy when the recipe's ema is on, as it is by default, and the
+tensors autograd saves for backward without the model's own weights;
+lgframe.apps.personalize.step_memory),
 at a DiT-S-like size (depth 12, width 384, 32x32 -> s_min 16, batch 8; random
 weights: the bytes do not depend on their values) and at the quality run's size.
 On CPU the process RSS is dominated by the allocator and libraries, so the
@@ -18,14 +20,18 @@ shapes), held-out subject denoising loss at full resolution after the same
 steps, and the samples of each run.
 
   python benchmarks/personalize_memory.py --base runs/dit_shapes/checkpoints/last.ckpt
+  python benchmarks/personalize_memory.py --memory-only             # memory rows only, quality rows kept
   python benchmarks/personalize_memory.py --quick --out /tmp/x      # what CI runs
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -138,10 +144,10 @@ def plot(mem: list[dict], quality: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(11 if quality else 6, 4), dpi=110, squeeze=False)
     ax = axes[0][0]
     names = [r["config"] for r in mem]
-    parts = ["params", "grads", "optimizer", "activations"]
+    parts = ["params", "grads", "optimizer", "ema", "activations"]
     bottom = [0.0] * len(mem)
     for k, part in enumerate(parts):
-        vals = [r[part] / 2**20 for r in mem]
+        vals = [r.get(part, 0) / 2**20 for r in mem]
         ax.bar(names, vals, bottom=bottom, label=part, color=f"C{k}")
         bottom = [b + v for b, v in zip(bottom, vals)]
     for i, r in enumerate(mem):
@@ -164,6 +170,28 @@ def plot(mem: list[dict], quality: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def commit() -> str | None:
+    """The checkout's commit (with "+changes" when files differ from it), or None."""
+    try:
+        run = dict(cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=30)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe", "strategies", "benchmarks/personalize_memory.py"],
+                               **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+changes" if dirty else "")) or None
+
+
+def last_commit(path: Path) -> str | None:
+    """The commit that last changed `path` (a results file written before runs recorded their commit)."""
+    try:
+        r = subprocess.run(["git", "log", "-1", "--format=%h", "--", path.name], cwd=path.parent, capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes and steps; writes personalize_memory_quick.*")
@@ -173,6 +201,9 @@ def main() -> None:
                     help="without --base: pretrain a DiT-Pico base on 16x16 shapes for this many steps first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default=None, help="where the quality runs go (default: a temporary folder)")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="measure the memory rows only; the quality rows of the existing results file are kept "
+                         "(with the run they come from)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -187,8 +218,21 @@ def main() -> None:
     mem = memory_rows(size, *geo, batch=batch, rank=4)
     for r in mem:
         print(f"memory {r['config']:<5} total {r['total'] / 2**20:8.2f} MiB ({r['total_ratio']:.2f}x), "
-              f"activations {r['activations'] / 2**20:8.2f} MiB ({r['activation_ratio']:.2f}x)", flush=True)
+              f"activations {r['activations'] / 2**20:8.2f} MiB ({r['activation_ratio']:.2f}x), "
+              f"EMA copy {r['ema'] / 2**20:.2f} MiB", flush=True)
     stem = "personalize_memory_quick" if args.quick else "personalize_memory"
+    measured = {"date": datetime.date.today().isoformat(), "commit": commit()}
+    if args.memory_only:
+        path = out / f"{stem}.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        quality = old.get("quality", [])
+        origin = old.get("quality_measured") or old.get("measured") or {"committed_in": last_commit(path)}
+        write_json(path, old | {"torch": torch.__version__, "threads": args.threads, "model": size, "skip_front": geo[0],
+                                "skip_back": geo[1], "s_min": geo[2], "s_max": geo[3], "memory": mem,
+                                "measured": measured, "quality_measured": origin})
+        plot(mem, quality, out / f"{stem}.png")
+        print(f"wrote the memory rows of {path} (quality rows kept, measured {origin}) and .png")
+        return
     base = args.base
     if base is None and args.pretrain_steps:
         base = pretrain_base(Path(tempfile.mkdtemp(prefix="personalize_base_")), 16, args.pretrain_steps, args.seed)
@@ -208,7 +252,8 @@ def main() -> None:
         quality = quality_rows(base, runs, steps, 1, 1, 8, 16, args.seed, out, stem)
     write_json(out / f"{stem}.json", {"torch": torch.__version__, "threads": args.threads, "model": size,
                                       "skip_front": geo[0], "skip_back": geo[1], "s_min": geo[2], "s_max": geo[3],
-                                      "memory": mem, "quality": quality, "quality_base": base})
+                                      "memory": mem, "quality": quality, "quality_base": base, "measured": measured,
+                                      "quality_measured": measured if quality else None})
     plot(mem, quality, out / f"{stem}.png")
     print(f"wrote {out / stem}.json and .png")
 

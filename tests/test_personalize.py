@@ -206,6 +206,7 @@ def test_personalize_end_to_end(tmp_path):
     res = run_personalize(cfg)
     assert [s for s, _ in res.val_curve] == [0, 20, 40]
     assert res.val_curve[-1][1] < res.val_curve[0][1] - 0.02, res.val_curve  # the held-out subject loss falls
-    assert res.lora.stat().st_size < 200_000 and res.samples.stat().st_size > 0
+    assert res.lora.is_dir() and (res.lora / "adapter_model.safetensors").is_file()  # a PEFT adapter folder
+    assert sum(f.stat().st_size for f in res.lora.iterdir()) < 200_000 and res.samples.stat().st_size > 0
     text = res.report.read_text()
     assert "skip front 1, back 1" in text and "![samples](samples.png)" in text

@@ -32,7 +32,19 @@ full model exactly (tested).
 Sampling uses the full model (all blocks, LoRA merged) at s_max with
 classifier-free guidance. The positional embedding is the DiT's fixed
 sin-cos table, computed for any grid, so one set of weights trains at s_min and
-samples at s_max.
+samples at s_max. A base whose table is not that sin-cos one (inherited from an
+ancestor of another width, learned, converted) keeps its own table at its own
+grid; other grids and crops read it by bilinear interpolation over the image
+(`PositionTable`).
+
+Training runs on one device under the recipe's `optim` (adamw | sgd, lr,
+weight_decay, warmup, schedule: LgTask's optimizer), `ema` (fit's WarmupEMA)
+and `trainer.precision`; settings personalize cannot honour are refused
+(`check_settings`). The run writes the LoRA as a PEFT adapter folder
+(`adapter_config.json` + `adapter_model.safetensors`, loadable with
+`peft.PeftModel.from_pretrained` onto the base DiT that has the subject class,
+see `subject_base`), with the subject's class embedding and what the adapter
+needs beside it (`subject.safetensors`, `subject.json`).
 """
 
 from __future__ import annotations
@@ -58,15 +70,23 @@ from lgframe.core.constraint import attached_constraint
 from lgframe.core.registry import get_constraint
 from lgframe.data.datasets import IMAGE_SUFFIXES, SHAPE_NAMES, make_shapes, read_image
 from lgframe.errors import LgframeError
-from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_text
+from lgframe.formats.files import atomic_dir, atomic_path, read_safetensors, save_tensors, write_json, write_text
 from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
-from lgframe.training.stages import make_loggers, plot_curves, read_curve, unique_dir
-from lgframe.training.tasks import DiffusionTask, warmup
+from lgframe.training.ema import WarmupEMA
+from lgframe.training.progress import StepProgressBar
+from lgframe.training.stages import QUIET, make_loggers, plot_curves, read_curve, unique_dir
+from lgframe.training.tasks import DiffusionTask
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-LORA_FORMAT = "lgframe-lora/1"
+LORA_FORMAT = "lgframe-lora/1"  # the single lora.safetensors file of earlier versions (still read)
+ADAPTER_FORMAT = "lgframe-lora/2"  # a PEFT adapter folder with subject.safetensors + subject.json
+SUBJECT_TENSORS, SUBJECT_META = "subject.safetensors", "subject.json"
+OPTIMIZERS = ("adamw", "sgd")
+# The DiT computes its timestep embedding in float32: bf16-true, 16-true and 64-true do not run it.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's
 
 
 # ------------------------------------------------------------------ geometry
@@ -93,18 +113,65 @@ def patch_batch(x: torch.Tensor, t: torch.Tensor, num_timesteps: int, s_min: int
     return torch.cat(out)
 
 
+def crop_coords(patch: int, s_min: int, box: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gy, gx), each (g, g) with g = s_min/patch: the tokens of a crop `box` (top, left, side)
+    at their place in the full-resolution patch grid (the centre of the pixels each covers)."""
+    top, left, side = box
+    centre = (torch.arange(s_min // patch, dtype=torch.float64) + 0.5) * patch  # token centres in the s_min crop, pixels
+    scale = side / s_min
+    ys, xs = (top + centre * scale) / patch - 0.5, (left + centre * scale) / patch - 0.5
+    return torch.meshgrid(ys, xs, indexing="ij")
+
+
 def crop_positions(dim: int, patch: int, s_min: int, boxes: list) -> torch.Tensor:
-    """(B, (s_min/patch)^2, dim): each token's position in the full-resolution patch grid
-    (the centre of the pixels it covers), so a crop keeps the positions of its place."""
-    g = s_min // patch
-    centre = (torch.arange(g, dtype=torch.float64) + 0.5) * patch  # token centres in the s_min crop, pixels
-    out = []
-    for top, left, side in boxes:
-        scale = side / s_min
-        ys, xs = (top + centre * scale) / patch - 0.5, (left + centre * scale) / patch - 0.5
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        out.append(sincos_at(dim, gy, gx))
-    return torch.stack(out)
+    """(B, (s_min/patch)^2, dim): each token's sin-cos position in the full-resolution patch
+    grid, so a crop keeps the positions of its place."""
+    return torch.stack([sincos_at(dim, *crop_coords(patch, s_min, box)) for box in boxes])
+
+
+class PositionTable:
+    """The token positions of a base DiT at any grid. A base whose `pos_embed` is DiT's
+    fixed sin-cos table (to 1e-5) gets the sin-cos table at any grid and fractional
+    sin-cos positions for crops, in patch units of the grid (as DiT computes it). Any
+    other table (inherited from an ancestor of another width, learned, converted) is
+    kept: exactly at its own grid, and read by bilinear interpolation over the image
+    at other grids and for crops (a full-resolution image covers the table's extent)."""
+
+    def __init__(self, model: DiT):
+        c = model.config
+        self.dim, self.patch, self.grid = c.width, c.patch_size, c.image_size // c.patch_size
+        table = model.pos_embed.detach().float().cpu().reshape(self.grid, self.grid, self.dim)
+        sincos = sincos_pos_embed(self.dim, self.grid).view(self.grid, self.grid, self.dim)
+        self.table = None if torch.allclose(table, sincos, atol=1e-5) else table.clone()
+
+    @property
+    def inherited(self) -> bool:
+        """True: the base's table is not the sin-cos one, and is kept."""
+        return self.table is not None
+
+    def _read(self, gy: torch.Tensor, gx: torch.Tensor, full_grid: int) -> torch.Tensor:
+        """Bilinear reads of the table at full-resolution grid coordinates (gy, gx) of a
+        `full_grid` x `full_grid` image: (number of points, dim)."""
+        norm = torch.stack([2 * (gx + 0.5) / full_grid - 1, 2 * (gy + 0.5) / full_grid - 1], dim=-1)
+        src = self.table.permute(2, 0, 1).unsqueeze(0).double()  # (1, dim, grid, grid)
+        out = F.grid_sample(src, norm.reshape(1, 1, -1, 2).double(), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        return out[0, :, 0].T.float()
+
+    def at_grid(self, grid: int) -> torch.Tensor:
+        """(1, grid^2, dim): the positions of a whole image of grid x grid tokens."""
+        if self.table is None:
+            return sincos_pos_embed(self.dim, grid).unsqueeze(0)
+        if grid == self.grid:
+            return self.table.reshape(1, -1, self.dim).clone()
+        coords = torch.arange(grid, dtype=torch.float64)
+        return self._read(*torch.meshgrid(coords, coords, indexing="ij"), grid).unsqueeze(0)
+
+    def at_boxes(self, s_min: int, s_max: int, boxes: list) -> torch.Tensor:
+        """(B, (s_min/patch)^2, dim): the positions of crops `boxes` of an s_max image."""
+        if self.table is None:
+            return crop_positions(self.dim, self.patch, s_min, boxes)
+        return torch.stack([self._read(*crop_coords(self.patch, s_min, box), s_max // self.patch) for box in boxes])
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -198,7 +265,8 @@ def pos_embed(model: DiT, size: int, device) -> torch.Tensor:
 def dit_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, front: int = 0, back: int = 0,
                 pos: torch.Tensor | None = None) -> torch.Tensor:
     """The DiT at any resolution, with block skipping (see the module docstring) and,
-    optionally, per-sample token positions `pos` (B, N, width) (patch sampling's crops).
+    optionally, token positions `pos` (B or 1, N, width) (patch sampling's crops, or an
+    inherited table at another grid; default: `pos_embed`).
     front = back = 0 and no `pos`: exactly the model's own forward (at its own resolution)."""
     blocks = model.blocks
     first, middle, last = block_ranges(len(blocks), front, back)
@@ -264,12 +332,67 @@ def subject_images(spec: str, n: int, size: int, channels: int, seed: int = 0) -
 
 
 # ------------------------------------------------------------------ training
+def precision_of(recipe: dict) -> str:
+    """`trainer.precision` in Lightning's canonical spelling (32 -> 32-true, ...)."""
+    value = str(recipe["trainer"]["precision"])
+    return PRECISION_ALIASES.get(value, value)
+
+
+def check_settings(recipe: dict) -> None:
+    """The optimizer and trainer keys personalize honours take values it can honour;
+    anything else fails here, naming what is valid."""
+    o, t = recipe["optim"], recipe["trainer"]
+    if o["name"] not in OPTIMIZERS:
+        raise LgframeError(f"optim.name={o['name']!r}; valid for personalize: {', '.join(OPTIMIZERS)}")
+    wd = o["weight_decay"]
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise LgframeError(f"optim.weight_decay={wd!r}; valid: a finite number >= 0 (0: no decay)")
+    if precision_of(recipe) not in PRECISIONS:
+        raise LgframeError(f"trainer.precision={t['precision']!r}; valid for personalize: {', '.join(PRECISIONS)} "
+                           "(the DiT computes its timestep embedding in float32: bf16-true, 16-true and 64-true "
+                           "do not run it)")
+    d = t["devices"]
+    one = d in (1, "1") or (isinstance(d, (list, tuple)) and len(d) == 1)
+    if not one:
+        raise LgframeError(f"trainer.devices={d!r}: personalize trains on one device; valid: 1, or a list of one "
+                           "device id (e.g. [0])")
+    if t["strategy"] != "auto":
+        raise LgframeError(f"trainer.strategy={t['strategy']!r}: personalize trains on one device; valid: auto")
+    if t["num_nodes"] != 1:
+        raise LgframeError(f"trainer.num_nodes={t['num_nodes']!r}: personalize trains on one device; valid: 1")
+
+
+def personalize_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None) -> pl.Trainer:
+    """The Lightning Trainer of a personalization run, from fit's pieces: its loggers,
+    progress bar, WarmupEMA (`ema.*`), precision and accelerator keys, one device, no
+    checkpoints (the run writes the adapter folder)."""
+    check_settings(recipe)
+    t, e = recipe["trainer"], recipe["ema"]
+    callbacks = list(callbacks or []) + ([StepProgressBar(recipe["name"])] if t["progress"] else [])
+    if e["enabled"]:
+        callbacks.append(WarmupEMA(decay=e["decay"], warmup=e["warmup"], update_starting_at_step=e["start_step"]))
+    acc = t.get("accumulate_grad_batches", 1)
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        return pl.Trainer(
+            max_steps=t["max_steps"], val_check_interval=t["val_every"] * acc, accumulate_grad_batches=acc,
+            check_val_every_n_epoch=None, log_every_n_steps=t["log_every"], accelerator=t["accelerator"],
+            devices=t["devices"], precision=precision_of(recipe), gradient_clip_val=recipe["optim"]["grad_clip"] or None,
+            logger=make_loggers(t["logger"], run_dir, recipe["name"]), callbacks=callbacks, enable_checkpointing=False,
+            enable_progress_bar=t["progress"], enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=run_dir)
+
+
 class PersonalizeTask(DiffusionTask):
     """LoRA personalization of a DiT (see the module docstring). `model` already
-    carries the subject class and the LoRA adapters."""
+    carries the subject class and the LoRA adapters; `table` holds the base's token
+    positions (default: read from `model`)."""
 
-    def __init__(self, recipe: dict, model: DiT, subject: int):
+    def __init__(self, recipe: dict, model: DiT, subject: int, table: PositionTable | None = None):
+        check_settings(recipe)
         super().__init__(recipe, model)
+        self.table = table if table is not None else PositionTable(model)
         if self.noise_scheduler.config.prediction_type != "epsilon":
             raise LgframeError("personalize trains noise prediction: diffusion.prediction must be epsilon, "
                                f"not {self.noise_scheduler.config.prediction_type!r}")
@@ -285,11 +408,14 @@ class PersonalizeTask(DiffusionTask):
         block_ranges(len(model.blocks), self.front, self.back)
         if self.s_min > self.s_max:
             raise LgframeError(f"s_min={self.s_min} > image_size (s_max) {self.s_max}")
-        table = model.y_embedder.embedding_table.weight
-        table.requires_grad_(True)  # only the subject's row learns (the hook zeroes the others' gradient)
-        mask = torch.zeros(table.shape[0], 1)
+        classes = model.y_embedder.embedding_table.weight
+        classes.requires_grad_(True)  # only the subject's row learns (the hook zeroes the others' gradient)
+        mask = torch.zeros(classes.shape[0], 1)
         mask[subject] = 1.0
-        table.register_hook(lambda g: g * mask.to(g.device, g.dtype))
+        classes.register_hook(lambda g: g * mask.to(g.device, g.dtype))
+        # and the other rows are put back after each step: weight decay (and SGD's, coupled) moves them too
+        self._other_rows = mask == 0
+        self._class_rows = classes.detach().clone()
 
     def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
         """(x_t, t, noise, pos): the noisy (cropped) inputs at s_min and, for crops with
@@ -301,8 +427,7 @@ class PersonalizeTask(DiffusionTask):
             boxes: list = []
             x = patch_batch(x0, t, T, self.s_min, self.s_max, generator, boxes)
             if self.positions == "crop":
-                cfg = self.model.config
-                pos = crop_positions(cfg.width, cfg.patch_size, self.s_min, boxes).to(x.device)
+                pos = self.table.at_boxes(self.s_min, self.s_max, boxes).to(x.device)
         else:
             x = resize(x0, self.s_min)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -322,12 +447,15 @@ class PersonalizeTask(DiffusionTask):
         (x0,) = batch
         g = torch.Generator().manual_seed(1000 + batch_idx)
         T = self.noise_scheduler.config.num_train_timesteps
+        pos = None
+        if self.table.inherited and x0.shape[-1] != self.model.config.image_size:  # the base's table at s_max
+            pos = self.table.at_grid(x0.shape[-1] // self.model.config.patch_size)
         losses = []
         for _ in range(4):
             t = torch.randint(0, T, (x0.shape[0],), generator=g).to(x0.device)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             y = torch.full((x0.shape[0],), self.subject, device=x0.device)
-            eps = dit_forward(self.model, self.noise_scheduler.add_noise(x0, noise, t), t, y)
+            eps = dit_forward(self.model, self.noise_scheduler.add_noise(x0, noise, t), t, y, pos=pos)
             losses.append(F.mse_loss(eps, noise))
         self.total_loss(torch.stack(losses).mean(), "val")
 
@@ -335,14 +463,20 @@ class PersonalizeTask(DiffusionTask):
     def configure_model(self) -> None:
         """Nothing to attach: the base is dense and frozen, the adapters are in place."""
 
+    # configure_optimizers: LgTask's (fit's) optimizer over the trainable parameters (LoRA A, B and the
+    # class table): optim.name adamw | sgd, lr, weight_decay, warmup_steps, schedule.
+
     @override
-    def configure_optimizers(self):
-        o = self.recipe["optim"]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0)  # no decay: frozen rows must not move
-        warm = o["warmup_steps"]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup(s, warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.restore_class_rows()
+
+    @torch.no_grad()
+    def restore_class_rows(self) -> None:
+        """Every class row but the subject's back to the base's values (bit for bit)."""
+        w = self.model.y_embedder.embedding_table.weight
+        keep = self._other_rows.to(w.device)
+        w.copy_(torch.where(keep, self._class_rows.to(w.device, w.dtype), w))
 
 
 # ------------------------------------------------------------------ files
@@ -355,25 +489,128 @@ def lora_state(model: nn.Module, subject: int) -> dict[str, torch.Tensor]:
 
 
 def save_lora(model: nn.Module, subject: int, path: str | os.PathLike, base_config: dict, p: dict, blocks: range) -> Path:
-    """The LoRA weights and the subject's embedding (safetensors, atomic), with what is
-    needed to apply them to the base: its config, the rank, alpha, blocks and class."""
+    """The earlier single-file format (lgframe-lora/1, still read by `load_personalized`):
+    the LoRA weights and the subject's embedding in one safetensors file (atomic), with
+    the base's config, the rank, alpha, blocks and class in its metadata. Runs write
+    `save_adapter`'s folder."""
     meta = {"format": LORA_FORMAT, "base_config": base_config, "subject": subject, "rank": p["lora_rank"],
             "alpha": p["lora_alpha"], "blocks": list(blocks)}
     save_tensors(path, lora_state(model, subject), {"lgframe_lora": json.dumps(meta)})
     return Path(path)
 
 
+def save_adapter(model: nn.Module, subject: int, folder: str | os.PathLike, base_config: dict, p: dict, blocks: range,
+                 overwrite: bool = False) -> Path:
+    """The LoRA as a PEFT adapter folder, written by peft's `save_pretrained`
+    (`adapter_config.json`, `adapter_model.safetensors`, peft's README.md), with the
+    subject beside it: `subject.safetensors` (its class embedding row) and
+    `subject.json` (format, the base's config, the subject's class index, rank, alpha,
+    blocks). Written into a temporary folder beside `folder`, then renamed: a failed
+    save leaves no half-written folder. `peft.PeftModel.from_pretrained(subject_base(base,
+    folder)[0], folder)` loads it onto the base."""
+    from peft import get_peft_model  # deferred: peft (imports transformers)
+
+    config = model.peft_config["default"]
+    # peft's PeftModel over a skeleton on the meta device (no memory for the base weights),
+    # holding the trained adapter tensors themselves; save_pretrained reads only those.
+    with torch.device("meta"):
+        skeleton = model_from_config(model.config.to_dict())
+    wrapped = get_peft_model(skeleton, copy_config(config), low_cpu_mem_usage=True)
+    state = {f"base_model.model.{n}": t.detach() for n, t in model.named_parameters() if ".lora_" in n}
+    res = wrapped.load_state_dict(state, strict=False, assign=True)
+    lora_keys = {n for n, _ in wrapped.named_parameters() if ".lora_" in n}
+    if res.unexpected_keys or lora_keys - set(state):
+        raise LgframeError(f"save_adapter: the adapters do not match a fresh peft model: {res.unexpected_keys[:3]} "
+                           f"{sorted(lora_keys - set(state))[:3]}")
+    meta = {"format": ADAPTER_FORMAT, "base_config": base_config, "subject": subject,
+            "num_classes": model.config.num_classes, "rank": p["lora_rank"], "alpha": p["lora_alpha"],
+            "blocks": list(blocks), "targets": list(LORA_TARGETS)}
+    with atomic_dir(folder, replace=overwrite) as tmp:
+        wrapped.save_pretrained(str(tmp))
+        row = model.y_embedder.embedding_table.weight[subject]
+        save_tensors(tmp / SUBJECT_TENSORS, {"embedding": row}, {"lgframe_lora": json.dumps(meta)})
+        write_json(tmp / SUBJECT_META, meta)
+    return Path(folder)
+
+
+def copy_config(config):
+    """A fresh LoraConfig with the same settings (peft keeps state on the one it is given)."""
+    from peft import LoraConfig  # deferred: peft (imports transformers)
+
+    return LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules)
+
+
+def read_adapter_meta(folder: Path) -> tuple[dict, torch.Tensor]:
+    """subject.json and the subject's embedding row of an adapter folder, checked."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", SUBJECT_TENSORS, SUBJECT_META):
+        if not (folder / name).is_file():
+            raise LgframeError(f"'{folder}' is not an lgframe personalization folder: {name} is missing (it holds "
+                               f"adapter_config.json, adapter_model.safetensors, {SUBJECT_TENSORS}, {SUBJECT_META})")
+    try:
+        meta = json.loads((folder / SUBJECT_META).read_text())
+    except (OSError, ValueError) as e:
+        raise LgframeError(f"'{folder / SUBJECT_META}' is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise LgframeError(f"'{folder / SUBJECT_META}' is not an {ADAPTER_FORMAT} record "
+                           f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    tensors, _ = read_safetensors(folder / SUBJECT_TENSORS, "subject embedding file")
+    if "embedding" not in tensors:
+        raise LgframeError(f"'{folder / SUBJECT_TENSORS}' has no 'embedding' tensor")
+    return meta, tensors["embedding"]
+
+
+def subject_base(base: str | os.PathLike | DiT, folder: str | os.PathLike) -> tuple[DiT, int]:
+    """The base DiT (dense, a copy) with the subject class of an adapter folder: its
+    class table gains the subject's saved row (the null class moves one index up).
+    What `peft.PeftModel.from_pretrained(model, folder)` loads the adapter onto."""
+    folder = Path(folder)
+    meta, row = read_adapter_meta(folder)
+    model = plain_dit(read_model(base)[0] if not isinstance(base, nn.Module) else base)
+    if model.config.to_dict() != meta["base_config"]:
+        raise LgframeError(f"LoRA folder '{folder}' was trained on another base model: {meta['base_config']} vs "
+                           f"{model.config.to_dict()}")
+    model, subject = with_subject_class(model)
+    if subject != meta["subject"]:
+        raise LgframeError(f"LoRA folder '{folder}': subject class {meta['subject']}, but the base gives {subject}")
+    with torch.no_grad():
+        model.y_embedder.embedding_table.weight[subject] = row.to(model.y_embedder.embedding_table.weight)
+    return model, subject
+
+
 def load_personalized(base: str | os.PathLike | DiT, lora: str | os.PathLike, image_size: int | None = None) -> tuple[DiT, int]:
-    """The base DiT with the LoRA file merged in: a plain DiT with the subject class
-    (optionally rebuilt at another image side, e.g. s_max for sampling)."""
+    """The base DiT with the LoRA merged in: a plain DiT with the subject class
+    (optionally rebuilt at another image side, e.g. s_max for sampling). `lora` is a
+    run's adapter folder (`save_adapter`, loaded with peft's PeftModel.from_pretrained)
+    or an earlier single lora.safetensors file (lgframe-lora/1)."""
+    base_model = read_model(base)[0] if not isinstance(base, nn.Module) else base
+    if Path(lora).is_dir():
+        from peft import PeftModel  # deferred: peft (imports transformers)
+
+        model, subject = subject_base(base_model, lora)
+        table = PositionTable(model)
+        model = PeftModel.from_pretrained(model, str(lora)).merge_and_unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+    else:
+        model, subject = load_lora_file(base_model, lora)
+        table = PositionTable(model)
+    model.requires_grad_(True)
+    return (at_image_size(model, image_size, table) if image_size else model), subject
+
+
+def load_lora_file(base: DiT, lora: str | os.PathLike) -> tuple[DiT, int]:
+    """The base with a single-file LoRA (lgframe-lora/1) merged in."""
     from peft import set_peft_model_state_dict  # deferred: peft (imports transformers)
 
     tensors, raw = read_safetensors(lora, "LoRA file")
     if "lgframe_lora" not in raw:
         raise LgframeError(f"'{lora}' is not an lgframe LoRA file (no 'lgframe_lora' metadata)")
     meta = json.loads(raw["lgframe_lora"])
-    model = read_model(base)[0] if not isinstance(base, nn.Module) else base
-    model = plain_dit(model)
+    if meta.get("format") != LORA_FORMAT:
+        raise LgframeError(f"'{lora}' is an lgframe LoRA record of format {meta.get('format')!r}, not a single "
+                           f"{LORA_FORMAT} file (a {ADAPTER_FORMAT} record is a folder: give the folder)")
+    model = plain_dit(base)
     if model.config.to_dict() != meta["base_config"]:
         raise LgframeError(f"LoRA file '{lora}' was trained on another base model: {meta['base_config']} vs {model.config.to_dict()}")
     model, subject = with_subject_class(model)
@@ -383,9 +620,7 @@ def load_personalized(base: str | os.PathLike | DiT, lora: str | os.PathLike, im
         raise LgframeError(f"LoRA file '{lora}' has keys the model does not: {res.unexpected_keys[:3]}")
     with torch.no_grad():
         model.y_embedder.embedding_table.weight[subject] = tensors["subject/embedding"]
-    model = merge_lora(model)
-    model.requires_grad_(True)
-    return (at_image_size(model, image_size) if image_size else model), subject
+    return merge_lora(model), subject
 
 
 def plain_dit(model: nn.Module) -> DiT:
@@ -399,13 +634,20 @@ def plain_dit(model: nn.Module) -> DiT:
     return model
 
 
-def at_image_size(model: DiT, size: int) -> DiT:
-    """The same weights at another image side (only the fixed sin-cos positions change)."""
+def at_image_size(model: DiT, size: int, table: PositionTable | None = None) -> DiT:
+    """The same weights at another image side; only the position table changes, to
+    `table`'s (default: `model`'s own) at the new grid: sin-cos for a sin-cos base, an
+    inherited table itself at its own grid and interpolated at others."""
+    table = table if table is not None else PositionTable(model)
+    if size % model.config.patch_size:
+        raise LgframeError(f"image side {size} is not a multiple of the patch size {model.config.patch_size}")
     new = model_from_config(model.config.to_dict() | {"image_size": size})
     state = {k: v for k, v in model.state_dict().items() if k != "pos_embed"}
     missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"pos_embed"}:
         raise LgframeError(f"cannot rebuild the DiT at side {size}: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        new.pos_embed.copy_(table.at_grid(size // model.config.patch_size).to(new.pos_embed))
     return new
 
 
@@ -418,35 +660,69 @@ class PersonalizeResult:
     report: Path
     val_curve: list
     memory: dict
+    task: PersonalizeTask | None = None  # the trained task (its trainer, optimizer and model)
 
 
-def step_memory(task: PersonalizeTask, x0: torch.Tensor) -> dict:
-    """Counted bytes of one training step: parameters, gradients, AdamW state and the
-    tensors autograd saves for backward (what the two savers change)."""
+def saved_bytes(fn, exclude=()) -> tuple[object, int]:
+    """fn() and the bytes of the distinct storages autograd saves for its backward,
+    except storages of the tensors in `exclude` (a model's parameters and buffers:
+    F.linear saves its weight to compute the input's gradient, frozen or not, and that
+    weight is the parameter itself, already counted, not an activation)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(tensor):
         try:
             s = tensor.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
         return tensor
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def step_memory(task: PersonalizeTask, x0: torch.Tensor) -> dict:
+    """Counted bytes of one training step: parameters, gradients, optimizer state
+    (AdamW: two moments per trainable parameter; SGD: one momentum buffer), the EMA
+    copy of the module (`ema.enabled`: every parameter and buffer once more), and the
+    activations: the tensors autograd saves for backward, the model's own parameters
+    and buffers excluded (what the two savers change). Under a mixed precision, run it
+    inside the autocast context (run_personalize uses the trainer's precision plugin):
+    the half-precision copies of the weights autograd saves then count as activations."""
     model = task.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     x_t, t, noise, pos = task.training_inputs(x0, g)
-    y = torch.full((x0.shape[0],), task.subject)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.mse_loss(dit_forward(model, x_t, t, y, task.front, task.back, pos), noise)
+    y = torch.full((x0.shape[0],), task.subject, device=x0.device)
+    weights = [*model.parameters(), *model.buffers()]
+
+    def forward():
+        eps = dit_forward(model, x_t, t, y, task.front, task.back, pos)
+        return F.mse_loss(eps, noise.to(eps.dtype))
+
+    loss, act = saved_bytes(forward, weights)
     grads = torch.autograd.grad(loss, trainable)
     p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g_bytes = sum(gr.numel() * gr.element_size() for gr in grads)
-    opt_bytes = 2 * g_bytes  # AdamW: two moments per trainable parameter
-    act = sum(seen.values())
-    return {"params": p_bytes, "grads": g_bytes, "optimizer": opt_bytes, "activations": act,
-            "total": p_bytes + g_bytes + opt_bytes + act}
+    opt_bytes = (1 if task.recipe["optim"]["name"] == "sgd" else 2) * g_bytes
+    ema = task.recipe.get("ema", {}).get("enabled", False)
+    ema_bytes = sum(w.numel() * w.element_size() for w in weights) if ema else 0
+    return {"params": p_bytes, "grads": g_bytes, "optimizer": opt_bytes, "ema": ema_bytes, "activations": act,
+            "total": p_bytes + g_bytes + opt_bytes + ema_bytes + act}
+
+
+def personalize_model(base: DiT, p: dict) -> tuple[DiT, int, range, PositionTable]:
+    """What a run trains: the (dense) base at s_min with the subject class and LoRA on
+    the middle blocks, the subject's class, those blocks and the base's positions."""
+    table = PositionTable(base)
+    s_min = p["s_min"] or base.config.image_size
+    model, subject = with_subject_class(at_image_size(base, s_min, table))
+    _, middle, _ = block_ranges(base.config.depth, p["skip_front"], p["skip_back"])
+    return add_lora(model, p["lora_rank"], p["lora_alpha"], middle), subject, middle, table
 
 
 def run_personalize(cfg) -> PersonalizeResult:
@@ -457,34 +733,36 @@ def run_personalize(cfg) -> PersonalizeResult:
     p = recipe["personalize"]
     if not p["base"]:
         raise LgframeError("personalize.base is required: a pretrained DiT model file or checkpoint (e.g. a run's last.ckpt)")
+    check_settings(recipe)
     pl.seed_everything(recipe["seed"], workers=True, verbose=False)
     base = plain_dit(read_model(p["base"])[0])
     base_config = base.config.to_dict()
     s_min = p["s_min"] or base.config.image_size
-    model, subject = with_subject_class(at_image_size(base, s_min))
-    _, middle, _ = block_ranges(base.config.depth, p["skip_front"], p["skip_back"])
-    model = add_lora(model, p["lora_rank"], p["lora_alpha"], middle)
+    model, subject, middle, table = personalize_model(base, p)
     recipe["constraint"] = "scratch"
-    task = PersonalizeTask(recipe, model, subject)
+    task = PersonalizeTask(recipe, model, subject, table)
     images = subject_images(p["subject"], p["n_images"] + p["val_images"], p["image_size"], base.config.in_channels, recipe["seed"])
     train, val = images[: p["n_images"]], images[p["n_images"]:]
     if not len(val):
         raise LgframeError("personalize.val_images must be >= 1 (held-out subject images for the validation loss)")
     bs = recipe["data"]["batch_size"]
+    t = recipe["trainer"]
+    batches = t["max_steps"] * t.get("accumulate_grad_batches", 1)
     train_dl = DataLoader(TensorDataset(train), batch_size=bs,
-                          sampler=RandomSampler(TensorDataset(train), replacement=True, num_samples=bs * recipe["trainer"]["max_steps"]))
+                          sampler=RandomSampler(TensorDataset(train), replacement=True, num_samples=bs * batches))
     val_dl = DataLoader(TensorDataset(val), batch_size=len(val))
     run_dir = unique_dir(Path(recipe["out_dir"]) / recipe["name"])
     run_dir.mkdir(parents=True)
-    memory = step_memory(task, train[: min(bs, len(train))].repeat(math.ceil(bs / len(train)), 1, 1, 1)[:bs])
-    t = recipe["trainer"]
-    trainer = pl.Trainer(max_steps=t["max_steps"], val_check_interval=t["val_every"], check_val_every_n_epoch=None,
-                         accelerator=t["accelerator"], devices=1, logger=make_loggers(t["logger"], run_dir, recipe["name"]),
-                         enable_checkpointing=False, enable_progress_bar=t["progress"], log_every_n_steps=t["log_every"],
-                         gradient_clip_val=recipe["optim"]["grad_clip"], num_sanity_val_steps=0, enable_model_summary=False)
-    trainer.validate(task, val_dl, verbose=False)
-    trainer.fit(task, train_dl, val_dl)
-    lora = save_lora(task.model, subject, run_dir / "lora.safetensors", base_config, p, middle)
+    trainer = personalize_trainer(recipe, run_dir)
+    x_mem = train[: min(bs, len(train))].repeat(math.ceil(bs / len(train)), 1, 1, 1)[:bs]
+    with trainer.precision_plugin.forward_context():  # the recipe's precision (mixed: autocast) for the counted step
+        memory = step_memory(task, x_mem)
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.validate(task, val_dl, verbose=False)
+        trainer.fit(task, train_dl, val_dl)
+    lora = save_adapter(task.model, subject, run_dir / "lora", base_config, p, middle)
     full, _ = load_personalized(base, lora, image_size=p["image_size"])
     sampler = DiffusionTask(recipe, full)
     n = p["samples"]
@@ -512,10 +790,18 @@ def run_personalize(cfg) -> PersonalizeResult:
         "",
         "Counted memory of one training step (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in mb.items()),
         "",
-        f"LoRA file: `lora.safetensors` ({lora.stat().st_size / 1024:.1f} KiB).",
+        f"LoRA: `lora/`, a PEFT adapter folder ({folder_bytes(lora) / 1024:.1f} KiB; "
+        "`peft.PeftModel.from_pretrained` loads it onto the base with the subject class, "
+        "`lgframe.apps.personalize.load_personalized(base, folder)` merges it). Optimizer "
+        f"{recipe['optim']['name']} (weight decay {recipe['optim']['weight_decay']}), EMA "
+        f"{'on' if recipe['ema']['enabled'] else 'off'}, precision {precision_of(recipe)}.",
         "",
         "![loss](loss.png)", "",
         "Top row: training images; then samples of the subject class (full model, LoRA merged, CFG):", "",
         "![samples](samples.png)", "",
     ]))
-    return PersonalizeResult(run_dir, lora, samples, report, curve, memory)
+    return PersonalizeResult(run_dir, lora, samples, report, curve, memory, task)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
