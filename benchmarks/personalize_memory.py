@@ -135,7 +135,7 @@ def pretrain_base(out: Path, size: int, steps: int, seed: int = 0) -> str:
     return str(path)
 
 
-def plot(mem: list[dict], quality: list[dict], path: Path) -> None:
+def plot(mem: list[dict], quality: list[dict], path: Path, quality_note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +161,7 @@ def plot(mem: list[dict], quality: list[dict], path: Path) -> None:
             ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], marker="o", label=f"{r['config']} ({r['memory_ratio']:.2f}x mem)")
         ax.set_xlabel("step")
         ax.set_ylabel("held-out subject loss (full resolution)")
-        ax.set_title("quality after the same steps", fontsize=10)
+        ax.set_title("quality after the same steps" + (f" ({quality_note})" if quality_note else ""), fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -230,7 +230,8 @@ def main() -> None:
         write_json(path, old | {"torch": torch.__version__, "threads": args.threads, "model": size, "skip_front": geo[0],
                                 "skip_back": geo[1], "s_min": geo[2], "s_max": geo[3], "memory": mem,
                                 "measured": measured, "quality_measured": origin})
-        plot(mem, quality, out / f"{stem}.png")
+        note = f"earlier run, {origin.get('commit') or origin.get('committed_in')}; memory as counted then"
+        plot(mem, quality, out / f"{stem}.png", note if quality else "")
         print(f"wrote the memory rows of {path} (quality rows kept, measured {origin}) and .png")
         return
     base = args.base
