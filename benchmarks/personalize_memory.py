@@ -173,7 +173,7 @@ def plot(mem: list[dict], quality: list[dict], path: Path, quality_note: str = "
 def commit() -> str | None:
     """The checkout's commit (with "+changes" when files differ from it), or None."""
     try:
-        run = dict(cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=30)
+        run = dict(cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=30)  # the checkout
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe", "strategies", "benchmarks/personalize_memory.py"],
                                **run).stdout.strip()
