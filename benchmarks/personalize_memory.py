@@ -230,7 +230,7 @@ def main() -> None:
         write_json(path, old | {"torch": torch.__version__, "threads": args.threads, "model": size, "skip_front": geo[0],
                                 "skip_back": geo[1], "s_min": geo[2], "s_max": geo[3], "memory": mem,
                                 "measured": measured, "quality_measured": origin})
-        note = f"earlier run, {origin.get('commit') or origin.get('committed_in')}; memory as counted then"
+        note = f"earlier run {origin.get('commit') or origin.get('committed_in')}"
         plot(mem, quality, out / f"{stem}.png", note if quality else "")
         print(f"wrote the memory rows of {path} (quality rows kept, measured {origin}) and .png")
         return
