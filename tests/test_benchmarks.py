@@ -79,3 +79,33 @@ def test_kind_transfer_quick(tmp_path):
     for r in d["shift"].values():
         assert r["final"] < r["initial"]  # every run learns the shapes
     assert (tmp_path / "kind_transfer_quick.png").stat().st_size > 1000
+
+
+def test_peer_step_quick(tmp_path):
+    run("peer_step.py", tmp_path)
+    (row,) = json.loads((tmp_path / "peer_step_quick.json").read_text())["rows"]
+    assert row["output_gap"] < 1e-4  # the same model: the comparison is of implementations, not of models
+    # diffusers' DiT keeps a timestep and label embedder in every block (copies, from DiT checkpoints): more weights
+    assert row["params_lgframe"] < row["params_diffusers"]
+    assert row["lgframe_ms"] > 0 and row["diffusers_ms"] > 0 and row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    assert row["memory_lgframe"]["params"] <= row["memory_diffusers"]["params"]
+
+
+def test_gpu_throughput_rows_run_on_cpu(tmp_path):
+    """The GPU script's rows, on the CPU at a tiny size: every combination builds and steps
+    (the CUDA run itself is by hand); without CUDA the script says so and exits 0."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_throughput as g
+    finally:
+        sys.path.remove(str(BENCH))
+    for impl, constraint in (("lgframe", "scratch"), ("lgframe", "svd"), ("lgframe", "kronecker"), ("diffusers", "scratch")):
+        for ckpt in (False, True):
+            r = g.run_row("DiT-Pico/2", impl, constraint, False, ckpt, batch=2, warmup=0, steps=1, device="cpu")
+            assert r["error"] is None and r["steps_per_s"] > 0, r
+    import torch
+
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable, str(BENCH / "gpu_throughput.py"), "--out", str(tmp_path / "g.json")],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "no CUDA" in out.stdout and not (tmp_path / "g.json").exists()
