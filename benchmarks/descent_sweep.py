@@ -93,7 +93,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 FAMILIES = {  # family -> compare_animals overrides turning it into that family's compare
     "dit": [],
     "vit": ["task=classification", "model.name=ViT-Pico/4", "compare.ancestor_recipe=vit_digits_pretrain",
-            "compare.descendant_recipe=vit_digits_descend"],
+            "compare.descendant_recipe=vit_digits_descend",
+            'compare.sizes=["ViT-Pico/4 depth=3 width=32 heads=2", "ViT-Pico/4 depth=6 width=96 heads=3"]'],
 }
 
 
