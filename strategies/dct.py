@@ -69,17 +69,10 @@ def dct_resize_1d(x: np.ndarray, axis: int, n: int) -> np.ndarray:
     """Resize along one axis over the full spectrum: DCT, crop/pad, rescale, inverse."""
     N = x.shape[axis]
     c = scipy.fft.dct(x, norm="ortho", axis=axis, workers=-1)
-    return scipy.fft.idct(fit(c, axis, n) * np.float32(np.sqrt(n / N)), norm="ortho", axis=axis, workers=-1)
-
-
-def fit(c: np.ndarray, axis: int, n: int) -> np.ndarray:
-    """Crop or zero-pad the leading coefficients along `axis` to length n."""
-    have = c.shape[axis]
-    if have >= n:
-        return np.take(c, np.arange(n), axis=axis)
-    pad = [(0, 0)] * c.ndim
-    pad[axis] = (0, n - have)
-    return np.pad(c, pad)
+    # idct's n crops or zero-pads the leading coefficients itself (what `fit` does), without a copy
+    out = scipy.fft.idct(c, n=n, norm="ortho", axis=axis, workers=-1, overwrite_x=True)
+    out *= out.dtype.type(np.sqrt(n / N))
+    return out
 
 
 def dct_resize(x: np.ndarray, shape: tuple[int, ...], chunks: list[int], renormalize: bool = True) -> np.ndarray:
@@ -173,7 +166,9 @@ class DCT(TransformConstraint):
                     pad = [(0, 0)] * y.ndim
                     pad[ax] = (s0, 0)
                     y = np.pad(y, pad)
-                return scipy.fft.idct(fit(y, ax, n) * np.float32(np.sqrt(n / N)), norm="ortho", axis=ax, workers=-1)
+                out = scipy.fft.idct(y, n=n, norm="ortho", axis=ax, workers=-1)  # crops / zero-pads to n itself
+                out *= out.dtype.type(np.sqrt(n / N))
+                return out
             Z = along(Z, axis, k, back)
         W = restore(Z, mean, std, self.options.renormalize) * fan_in_factor(src_shape[2], role.shape[2], self.options.fan_in_power)
         return torch.from_numpy(W).float()

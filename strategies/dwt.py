@@ -69,12 +69,15 @@ def dwt_resize_1d(x: np.ndarray, axis: int, n: int, wavelet: str = "haar") -> np
     amplitude correction, then linear resampling to exactly n if needed."""
     N = x.shape[axis]
     j = dyadic_level(N, n)
+    r2 = x.dtype.type(np.sqrt(2))  # a float64 scalar would make every level a float64 copy
     for _ in range(j):
         if x.shape[axis] < 2:
             break
-        x = pywt.dwt(x, wavelet, mode="periodization", axis=axis)[0] / np.sqrt(2)
+        x = pywt.dwt(x, wavelet, mode="periodization", axis=axis)[0]
+        x /= r2
     for _ in range(-j):
-        x = pywt.idwt(x, None, wavelet, mode="periodization", axis=axis) * np.sqrt(2)
+        x = pywt.idwt(x, None, wavelet, mode="periodization", axis=axis)
+        x *= r2
     return linear_resample(x, axis, n)
 
 
@@ -118,7 +121,8 @@ class DWT(TransformConstraint):
             for axis in (1, 2):
                 if x.shape[axis] // chunks[axis] >= 2:
                     x = along(x, axis, chunks[axis],
-                              lambda v, ax: pywt.dwt(v, self.options.wavelet, mode="periodization", axis=ax)[0] / np.sqrt(2))
+                              lambda v, ax: pywt.dwt(v, self.options.wavelet, mode="periodization", axis=ax)[0]
+                              / v.dtype.type(np.sqrt(2)))
         mean, std = float(stack.double().mean()), float(stack.double().std(unbiased=False))
         return {"band": torch.from_numpy(x).float(), "stats": torch.tensor([mean, std], dtype=torch.float64)}
 
