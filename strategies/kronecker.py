@@ -73,6 +73,16 @@ width 96, 3 heads; first-epoch loss, seed 3): DiT select 0.298, interpolate
 Target widths must be multiples of the template on every role: checked
 before any training, with the nearest valid widths in the error. A descendant
 trains its scalers (phase 1; recipe `optim.scaler_lr`), then optionally all.
+
+Multi-size pre-training (WeiT's prefix masks; recipe section `multisize`,
+lgframe/training/tasks.py): each optimizer step trains one nested sub-network,
+the first heads / hidden units / features and the evenly spaced layers of
+`lgframe.models.nested`. With template "head" those widths are whole template
+blocks, and the nested weight W[rows][:, cols] = sum_i S_i[P', Q'] (x) T_i is a
+WeiT layer of the smaller size: the same templates, the scaler blocks of the
+kept heads, i.e. what a same-depth `select` descent builds. The bank runs that
+layer only (`KroneckerBank.nested_index` / `linear`); a template that cuts a
+kept head is refused.
 """
 
 from __future__ import annotations
@@ -133,20 +143,80 @@ def rearrange(stack: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return stack.reshape(L, m // a, a, n // b, b).permute(0, 1, 3, 2, 4).reshape(L, (m // a) * (n // b), a * b)
 
 
+def whole_blocks(idx: torch.Tensor, t: int) -> torch.Tensor | None:
+    """The blocks of t consecutive elements that the element indices `idx` cover, in order
+    (block j = elements j*t .. j*t+t-1); None unless `idx` is made of whole blocks."""
+    if idx.numel() % t:
+        return None
+    rows = idx.view(-1, t)
+    first = rows[:, 0]
+    if not bool(((first % t == 0) & (rows == first[:, None] + torch.arange(t, device=idx.device)).all(1)).all()):
+        return None
+    return first // t
+
+
 class KroneckerBank(Bank):
+    """factors[role] = {T (k, a, b)}; layer l holds S (k, P, Q).
+
+    Nested widths (WeiT's nested template blocks; lgframe.models.nested): the nested
+    sub-network keeps whole heads, the first MLP hidden units and the first residual
+    features, and with the default template (a = b = head dimension) those are whole
+    a x b blocks of every role. Block (p, q) of W is sum_i S_i[p, q] T_i, so the nested
+    weight W[rows][:, cols] is sum_i S_i[P', Q'] (x) T_i: the same templates weighted by
+    the scaler blocks of the kept rows P' and columns Q'. That is a WeiT layer of the
+    narrower size, and exactly what a same-depth descent (width_rule select) builds, so a
+    multi-size step trains the templates for every size it draws. `linear` then runs that
+    narrower layer only (its other outputs are zero, the scalers outside P' x Q' get a zero
+    gradient); a width whose rows or columns are not whole blocks is refused."""
+
+    nested_slices = True
+
+    def nested_index(self, mod: ConstrainedLinear, rows: torch.Tensor, cols: torch.Tensor, path: str) -> tuple:
+        """(rows, columns, row blocks, column blocks) of a nested width, once per plan."""
+        a, b = self.of(mod)["T"].shape[1:]
+        out_blocks, in_blocks = whole_blocks(rows, a), whole_blocks(cols, b)
+        if out_blocks is None or in_blocks is None:
+            raise LgframeError(
+                f"kronecker: the nested width of '{path}' keeps {rows.numel()} rows and {cols.numel()} columns that "
+                f"are not whole {a}x{b} template blocks, so that sub-network is no WeiT layer (and not what a "
+                "descent builds); nest widths with template 'head' (the default) or a template dividing the head "
+                "dimension"
+            )
+        return rows, cols, out_blocks, in_blocks
+
     def weight(self, mod: ConstrainedLinear) -> torch.Tensor:
-        return kron_weight(mod.S, self.of(mod)["T"])
+        S = mod.S
+        nested = getattr(mod, "_lg_nested", None)
+        if nested is not None:  # blocks outside the nested rows and columns are zero
+            mask = torch.zeros(S.shape[1:], dtype=S.dtype, device=S.device)
+            mask[nested[2][:, None], nested[3][None, :]] = 1.0
+            S = S * mask
+        return kron_weight(S, self.of(mod)["T"])
 
     def linear(self, mod: ConstrainedLinear, x: torch.Tensor) -> torch.Tensor:
-        T, S = self.of(mod)["T"], mod.S
-        k, a, b = T.shape
-        P, Q = S.shape[1:]
-        tokens = x.numel() // (Q * b)
-        factored, order = use_factored(tokens, k, P, Q, a, b)
-        if factored:
-            y = factored_linear(x.reshape(tokens, Q * b), S, T, order).reshape(*x.shape[:-1], P * a)
-            return y + mod.bias if mod.bias is not None else y
-        return F.linear(x, kron_weight(S, T), mod.bias)
+        T, S, bias = self.of(mod)["T"], mod.S, mod.bias
+        nested = getattr(mod, "_lg_nested", None)
+        if nested is not None:  # the narrower WeiT layer of the nested blocks (see the class docstring)
+            rows, cols, out_blocks, in_blocks = nested
+            S = S.index_select(1, out_blocks).index_select(2, in_blocks)
+            x = x.index_select(-1, cols)
+            bias = bias[rows] if bias is not None else None
+        y = apply_kronecker(x, S, T, bias)
+        if nested is not None:
+            y = y.new_zeros(*y.shape[:-1], mod.out_features).index_copy(-1, rows, y)
+        return y
+
+
+def apply_kronecker(x: torch.Tensor, S: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (sum_i kron(S_i, T_i))^T + bias, factored or through the weight, whichever `use_factored` picks."""
+    k, a, b = T.shape
+    P, Q = S.shape[1:]
+    tokens = x.numel() // (Q * b)
+    factored, order = use_factored(tokens, k, P, Q, a, b)
+    if factored:
+        y = factored_linear(x.reshape(tokens, Q * b), S, T, order).reshape(*x.shape[:-1], P * a)
+        return y + bias if bias is not None else y
+    return F.linear(x, kron_weight(S, T), bias)
 
 
 # ------------------------------------------------------------------ descent over width

@@ -1,12 +1,23 @@
 """Nested sub-networks of a model: the narrower (`nested_width`) and shallower
-(`nested_depth`) models a descent builds, run inside the full one. Used by tucker's
-width-wise stochastic scaling (SWEET); meant for multi-size ancestor training
-(WeiT's reading, any constraint), which is not built yet.
+(`nested_depth`) models a descent builds, run inside the full one, and both at once
+(`nested_subnetwork`). Used by tucker's width-wise stochastic scaling (SWEET) and by
+multi-size pre-training (WeiT's reading: the recipe section `multisize`, which draws
+one (depth, width) per optimizer step with `sample_size`; lgframe/training/tasks.py).
 
 A constrained layer whose bank computes a nested slice itself (its bank class sets
-`nested_slices = True` and reads `mod._lg_nested` = (row index, column index), as
-tucker's does) runs that slice; every other Linear or constrained layer reads only
-the nested input features (a masked input is a masked weight column)."""
+`nested_slices = True` and reads `mod._lg_nested`, as tucker's and kronecker's do)
+runs that slice: `mod._lg_nested` is (row index, column index), or what the bank's
+`nested_index(mod, rows, cols, path)` turned them into once per plan (kronecker: the
+indices and the template blocks they cover). Every other Linear or constrained layer
+reads only the nested input features (a masked input is a masked weight column).
+
+Which constraints nest width (`width_nesting_constraints`): those whose bank computes
+the nested slice of its own factors, so that the nested sub-network is exactly what
+that constraint's same-depth descent builds (kronecker with width_rule select: the
+same templates and the scaler blocks of the kept heads; tucker: the kept rows of B
+and C). svd and kind keep only the largest components when they narrow, dct/dwt
+resample, select keeps every other index: a nested slice of theirs is not their
+descendant, so multi-size width training refuses them (depths work with any model)."""
 
 from __future__ import annotations
 
@@ -44,6 +55,51 @@ def nested_dims(dims: Dims, ratio: float) -> Dims:
             f"valid ratios for this model: {', '.join(valid)}"
         )
     return Dims(h * dims.head_dim, h, dims.hidden * h // dims.heads)
+
+
+def nested_widths(dims: Dims) -> list[int]:
+    """The widths a nested sub-network of `dims` can have: whole heads (head_dim kept)
+    whose MLP hidden size is whole too."""
+    return [k * dims.head_dim for k in range(1, dims.heads + 1) if (dims.hidden * k) % dims.heads == 0]
+
+
+def width_ratio(dims: Dims, width: int) -> float:
+    """The ratio of a nested width (in features) of `dims`; refused unless it keeps whole heads."""
+    valid = nested_widths(dims)
+    if width not in valid:
+        raise LgframeError(
+            f"nested width {width} of a model of width {dims.width} ({dims.heads} heads of {dims.head_dim}): a "
+            f"nested width keeps whole attention heads; valid widths for this model: {', '.join(map(str, valid))}"
+        )
+    return width / dims.width
+
+
+def width_nesting_constraints() -> list[str]:
+    """Registered constraints whose bank computes nested width slices of its own factors
+    (`nested_slices`): the ones whose nested sub-network is their same-depth descendant."""
+    from lgframe.core.registry import constraint_class, constraint_names
+
+    return [n for n in constraint_names() if getattr(getattr(constraint_class(n), "bank_class", None), "nested_slices", False)]
+
+
+def check_width_nesting(constraint: str) -> None:
+    """Refuse width nesting under a constraint whose bank cannot nest width, naming those that can."""
+    able = width_nesting_constraints()
+    if constraint not in able:
+        raise LgframeError(
+            f"constraint '{constraint}' cannot nest width: its bank does not compute nested slices of its factors, so "
+            f"a nested sub-network is not what its descent builds; constraints that nest width: {', '.join(able)} "
+            "(nested depths alone work with any constraint)"
+        )
+
+
+def sample_size(depths: Sequence[int], ratios: Sequence[float], seed: int, step: int) -> tuple[int, float]:
+    """The (depth, width ratio) of optimizer step `step`: each drawn uniformly from its list by a
+    generator seeded with (seed, step) alone, so every rank draws the same without communicating
+    and a resumed run draws what the uninterrupted one did. The global generator is not touched."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)  # a stream apart from tucker's width draws
+    depth = int(depths[int(torch.randint(len(depths), (1,), generator=g))])
+    return depth, sample_width_ratio(ratios, g)
 
 
 def nested_size(size: int, a: Dims, b: Dims) -> int:
@@ -94,8 +150,10 @@ def _nested_plan(model: nn.Module, ratio: float) -> tuple[Dims, list]:
             continue
         other = subs[path]
         if getattr(mod, "is_constrained_linear", False) and getattr(mod._bank, "nested_slices", False):
-            plan.append((path, "bank", (width_index(mod.out_features, other.out_features, dims, nd, path),
-                                        width_index(mod.in_features, other.in_features, dims, nd, path))))
+            idx = (width_index(mod.out_features, other.out_features, dims, nd, path),
+                   width_index(mod.in_features, other.in_features, dims, nd, path))
+            prepare = getattr(mod._bank, "nested_index", None)  # e.g. kronecker: the template blocks covered
+            plan.append((path, "bank", tuple(prepare(mod, *idx, path)) if prepare is not None else idx))
         elif isinstance(mod, nn.Linear) or getattr(mod, "is_constrained_linear", False):
             if other.in_features != mod.in_features:
                 plan.append((path, "input", width_index(mod.in_features, other.in_features, dims, nd, path)))
@@ -134,8 +192,9 @@ def nested_width(model: nn.Module, ratio: float):
     """Run `model` (the plain module, not a DDP wrapper) as its nested
     sub-network of `ratio` times the width, inside the block and out:
 
-    - tucker layers use only the nested rows of B and C (and bias); their
-      other outputs are zero;
+    - tucker layers use only the nested rows of B and C (and bias), kronecker
+      layers only the scaler blocks of the nested rows and columns (the same
+      templates); their other outputs are zero;
     - every other Linear (and constrained layer of another constraint) reads
       only the nested input features: a masked input is a masked weight column;
     - every LayerNorm over the width normalizes over the nested features only.
@@ -162,8 +221,8 @@ def nested_width(model: nn.Module, ratio: float):
         for path, kind, idx in plan:
             mod = model.get_submodule(path)
             if kind == "bank":
-                device = mod.A.device
-                object.__setattr__(mod, "_lg_nested", (idx[0].to(device), idx[1].to(device)))
+                device = next(mod.parameters()).device  # the layer's own scalers
+                object.__setattr__(mod, "_lg_nested", tuple(i.to(device) for i in idx))
                 nested.append(mod)
             elif kind == "input":
                 mask = torch.zeros(mod.in_features)
@@ -209,3 +268,14 @@ def nested_depth(model: nn.Module, depth: int):
     finally:
         for b in skipped:
             b.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def nested_subnetwork(model: nn.Module, depth: int | None = None, ratio: float = 1.0):
+    """Run `model` as its sub-network of `depth` layers (`nested_depth`: the blocks of
+    `depth_layers`) and `ratio` times the width (`nested_width`), both at once; None and
+    1.0 are the full size (a no-op). The two compose: the skipped blocks pass their input
+    through, the kept ones run narrowed. Yields (kept layers, nested Dims)."""
+    n = len(Layout(model).blocks(model))
+    with nested_depth(model, n if depth is None else depth) as kept, nested_width(model, ratio) as dims:
+        yield kept, dims

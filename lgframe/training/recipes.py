@@ -197,6 +197,20 @@ class PersonalizeCfg:
 
 
 @dataclass
+class MultisizeCfg:
+    """WeiT multi-size pre-training (off by default): every optimizer step runs its forward and
+    backward through one nested sub-network, (depth, width) drawn from these lists by a
+    generator seeded with (seed, step), the same on every rank (lgframe/training/tasks.py).
+    Validation always runs the full model."""
+
+    depths: Optional[list[int]] = None  # nested depths (the evenly spaced layers of nested.depth_layers); null: full only
+    widths: Optional[list[int]] = None  # nested widths in features (whole heads); null: full only
+    width_ratios: Optional[list[float]] = None  # or the widths as ratios of the model's width (not both)
+    every: int = 1  # draw a size on every N-th optimizer step; the steps between train the full model
+    include_full: bool = True  # the model's own depth and width join the lists when missing
+
+
+@dataclass
 class Recipe:
     task: str = "diffusion"  # diffusion | classification
     name: str = "run"
@@ -225,6 +239,7 @@ class Recipe:
     init: InitCfg = field(default_factory=InitCfg)
     compare: CompareCfg = field(default_factory=CompareCfg)
     personalize: PersonalizeCfg = field(default_factory=PersonalizeCfg)
+    multisize: MultisizeCfg = field(default_factory=MultisizeCfg)
 
 
 def _schema_node(path: list[str]):
@@ -399,6 +414,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.mim.mask_ratio < 1:
         raise LgframeError(f"mim.mask_ratio={cfg.mim.mask_ratio}; valid: a fraction strictly between 0 and 1")
     check_ranges(cfg)
+    check_multisize(cfg, mc)
 
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what diffusers' DDPM, DDIM and DPM all take
@@ -482,3 +498,71 @@ def constraint_spec(cfg: DictConfig) -> Any:
 
 def to_plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ------------------------------------------------------------------ multisize (WeiT multi-size pre-training)
+def multisize_on(ms) -> bool:
+    """Whether a `multisize` section asks for any nested size (all lists null or empty: off)."""
+    return bool(ms) and any(ms.get(k) for k in ("depths", "widths", "width_ratios"))
+
+
+def multisize_sizes(ms, depth: int, dims, constraint) -> tuple[list[int], list[float]] | None:
+    """The depths and width ratios a `multisize` section draws from for a model of `depth`
+    layers and width structure `dims` (lgframe.core.layout.Dims) under `constraint` (a
+    Constraint), sorted, without repeats; None when the section is off. Refuses, naming what
+    is valid: a depth outside 1..depth, a width that does not keep whole heads, widths and
+    width_ratios together, and a narrower width under a constraint whose bank cannot nest
+    width (lgframe.models.nested.width_nesting_constraints)."""
+    from lgframe.models.nested import check_width_nesting, nested_dims, width_ratio
+
+    if not multisize_on(ms):
+        return None
+    if ms.get("widths") and ms.get("width_ratios"):
+        raise LgframeError("multisize: give widths (features) or width_ratios, not both")
+    if not (isinstance(ms.get("every", 1), int) and ms.get("every", 1) >= 1):
+        raise LgframeError(f"recipe key 'multisize.every' is {ms.get('every')!r}; valid: an integer >= 1")
+    depths = list(ms.get("depths") or [])
+    bad = [d for d in depths if not (isinstance(d, int) and 1 <= d <= depth)]
+    if bad:
+        raise LgframeError(f"multisize.depths has {', '.join(map(str, bad))}: a model of {depth} layers has nested "
+                           f"depths 1..{depth}")
+    if ms.get("widths"):
+        ratios = [width_ratio(dims, int(w)) for w in ms["widths"]]
+    else:
+        ratios = [float(r) for r in ms.get("width_ratios") or []]
+        for r in ratios:
+            nested_dims(dims, r)  # whole heads, or the valid ratios named
+    if ms.get("include_full", True) or not depths:
+        depths.append(depth)
+    if ms.get("include_full", True) or not ratios:
+        ratios.append(1.0)
+    if any(r < 1 for r in ratios):
+        check_width_nesting(constraint.name)
+        if getattr(constraint.options, "width_ratios", None):
+            raise LgframeError(f"multisize widths and constraint option width_ratios of {constraint.name} both nest "
+                               "the width each step: use one (multisize.widths, or the constraint's width_ratios)")
+    return sorted(set(depths)), sorted(set(ratios))
+
+
+def check_multisize_trainer(trainer) -> None:
+    """Trainer settings a multi-size step cannot run under: the nested sub-network exists while the
+    forward runs, and both of these run the blocks again outside it (recompute in the backward;
+    a compiled block's graph, traced without the nesting hooks)."""
+    why = {"activation_checkpointing": "the backward recomputes each block after the step left its nested sub-network",
+           "compile": "compiled blocks do not see the nesting hooks"}
+    for key, reason in why.items():
+        if trainer.get(key):
+            raise LgframeError(f"multisize with trainer.{key}=true: {reason}; set trainer.{key}=false for "
+                               "multi-size pre-training")
+
+
+def check_multisize(cfg: DictConfig, model_config: dict) -> None:
+    """The recipe's `multisize` section against the recipe's own model, constraint and trainer, at
+    load time (the task checks it again against the model it trains)."""
+    if not multisize_on(cfg.multisize):
+        return
+    from lgframe.core.layout import dims_of
+
+    check_multisize_trainer(cfg.trainer)
+    multisize_sizes(OmegaConf.to_container(cfg.multisize), model_config["depth"], dims_of(model_config),
+                    get_constraint(constraint_spec(cfg)))

@@ -18,6 +18,8 @@ warmup (`init.unfreeze_warmup`).
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
@@ -29,11 +31,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lgframe.core.constraint import FactorizedConstraint, attached_constraint, log
-from lgframe.core.layout import Layout
+from lgframe.core.layout import Layout, model_dims
 from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
 from lgframe.formats.checkpoints import load_checkpoint
 from lgframe.models.files import model_meta, read_model
+from lgframe.models.nested import nested_subnetwork, sample_size
+from lgframe.training.recipes import check_multisize_trainer, multisize_on, multisize_sizes
 from lgframe.training.speed import compile_blocks, set_activation_checkpointing
 
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -137,6 +141,57 @@ class LgTask(pl.LightningModule):
                 if mod is not self.model and any(True for _ in mod.parameters()):
                     fully_shard(mod, mesh=dp)  # task-side parameters (a MIM decoder) sync too
             self.model._lg_sharded = True
+        self.check_multisize()
+
+    # -- multi-size pre-training (WeiT; recipe section `multisize`) ---------------------
+    def multisize_sizes(self) -> tuple[list[int], list[float]] | None:
+        """(depths, width ratios) the `multisize` section draws from, resolved and checked for the
+        model this task trains (once); None when the section is off."""
+        if "_lg_multisize" not in self.__dict__:
+            ms = self.recipe.get("multisize")
+            sizes = None
+            if multisize_on(ms):
+                sizes = multisize_sizes(ms, len(Layout(self.model).blocks(self.model)), model_dims(self.model),
+                                        self.constraint)
+            self.__dict__["_lg_multisize"] = sizes
+        return self.__dict__["_lg_multisize"]
+
+    def check_multisize(self) -> None:
+        """Before training: the sizes against the model, and a shallower sub-network under plain DDP
+        (the skipped blocks get no gradient, which DDP refuses on the second step)."""
+        sizes = self.multisize_sizes()
+        if sizes is None:
+            return
+        check_multisize_trainer(self.recipe.get("trainer", {}))
+        if self._trainer is None or min(sizes[0]) == len(Layout(self.model).blocks(self.model)):
+            return
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+            raise LgframeError(f"multisize.depths {sizes[0]} skip blocks in some steps, which get no gradient then: "
+                               "under DDP set trainer.strategy=ddp_find_unused_parameters_true")
+
+    def multisize_choice(self, step: int) -> tuple[int, float] | None:
+        """The (depth, width ratio) optimizer step `step` trains, a function of (seed, step) only
+        (every rank, and a resumed run, draws the same); None: the full model (off, or a step
+        between draws under `multisize.every`)."""
+        sizes = self.multisize_sizes()
+        if sizes is None or step % int(self.recipe["multisize"].get("every", 1)):
+            return None
+        return sample_size(*sizes, self.recipe["seed"], step)
+
+    def multisize_context(self, step: int):
+        """The context a training step's forward runs in: the drawn nested sub-network
+        (lgframe.models.nested.nested_subnetwork; the backward follows the graph it built), or a
+        no-op. The drawn size is logged as train/depth and train/width."""
+        choice = self.multisize_choice(step) if self.model.training else None
+        if choice is None:
+            return contextlib.nullcontext()
+        depth, ratio = choice
+        self.log("train/depth", float(depth), on_step=True, on_epoch=False)
+        self.log("train/width", float(round(ratio * model_dims(self.model).width)), on_step=True, on_epoch=False)
+        return nested_subnetwork(self.model, depth, ratio)
 
     def _warn_lossy(self, errors: dict[str, float]) -> None:
         """A dense init.source decomposed in closed form: say what it lost (a refit, which trains
@@ -329,7 +384,8 @@ class DiffusionTask(LgTask):
 
     @override
     def training_step(self, batch, batch_idx):
-        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
+        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]), \
+                self.multisize_context(self.global_step):
             loss = self.diffusion_loss(batch, dropout=self.label_dropout, stage="train")
         return self.total_loss(loss, "train")
 
@@ -534,7 +590,8 @@ class ClassificationTask(LgTask):
 
     @override
     def training_step(self, batch, batch_idx):
-        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]):
+        with self.constraint.step_context(self.model, self.global_step, self.recipe["seed"]), \
+                self.multisize_context(self.global_step):
             return self.step(batch, "train")
 
     @override
