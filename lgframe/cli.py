@@ -407,6 +407,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_fewshot(args) -> int:
+    from lgframe.apps.fewshot import load_cfg, run_fewshot  # deferred: torch, Lightning, peft
+
+    cfg = load_cfg(args.recipe, args.overrides)
+    _quiet_lightning()
+    res = run_fewshot(cfg)
+    print(f"results: {Path(cfg.out) / 'results.json'}")
+    for target, r in res["results"].items():
+        print(f"{cfg.method} on {target}, {cfg.ways}-way {cfg.shots}-shot: accuracy {r['mean']:.4f} "
+              f"(95% interval {r['low']:.4f} to {r['high']:.4f}, {r['n']} episodes, {r['trainable']:,} trained parameters)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lgframe.apps.demo import run_demo  # deferred: torch, Lightning, diffusers
 
@@ -544,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.add_argument("--samples", type=int, default=300, help="samples per model for FID and class accuracy (0: none)")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("fewshot", help="FAD cross-domain few-shot: one method over N-way K-shot episodes of other domains")
+    s.add_argument("recipe", help="a few-shot recipe (e.g. fewshot_digits_fad, under lgframe/recipes/fewshot/) or YAML path")
+    s.add_argument("overrides", nargs="*", help="key=value (e.g. method=spatial shots=1 episodes=200)")
+    s.set_defaults(func=cmd_fewshot)
 
     s = sub.add_parser("demo", help="the whole chain on digits: pretrain, learngene, descend, train vs scratch, report")
     s.add_argument("--out", default="lgframe_demo")
