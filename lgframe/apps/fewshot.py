@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lgframe.apps.episodes import DOMAINS, Episode, episodes, load_domain, mean_interval
+from lgframe.apps.episodes import DOMAINS, Episode, check_episode_settings, episodes, load_domain, mean_interval
 from lgframe.core.constraint import attached_constraint
 from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
@@ -391,8 +391,6 @@ def run_fewshot(c: FewshotCfg, progress=print) -> dict:
     """`lgframe fewshot RECIPE`: writes out/results.json and returns it."""
     check_cfg(c)
     for target in c.targets:  # a setting the data cannot supply fails before any training
-        from lgframe.apps.episodes import check_episode_settings
-
         check_episode_settings(load_domain(target, c.image_size), c.ways, c.shots, c.queries)
     out = Path(c.out)
     backbone, source = pretrained_backbone(c, out / "backbone")
