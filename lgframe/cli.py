@@ -397,6 +397,15 @@ def cmd_personalize(args) -> int:
     return 0
 
 
+def cmd_control(args) -> int:
+    from lgframe.apps.control.run import command  # deferred: torch, Lightning, diffusers
+
+    if not getattr(args, "control_command", None):
+        raise LgframeError("lgframe control: give a stage: train RECIPE, sample CKPT or adapt CKPT (see --help)")
+    _quiet_lightning()
+    return command(args)
+
+
 def cmd_compare(args) -> int:
     from lgframe.apps.compare import run_compare  # deferred: torch, Lightning, diffusers
     from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
@@ -551,6 +560,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="recipe with a `personalize:` section, e.g. recipes/dit_personalize_shapes.yaml")
     s.add_argument("overrides", nargs="*", help=_overrides_help())
     s.set_defaults(func=cmd_personalize)
+
+    s = sub.add_parser("control", help="DivControl: a control branch for a frozen DiT (learngene + tailors, instruction gate)")
+    cs = s.add_subparsers(dest="control_command", metavar="STAGE")
+    c = cs.add_parser("train", help="multi-condition training of a control branch on a frozen base DiT")
+    c.add_argument("recipe", help="control recipe, e.g. recipes/control/divcontrol_digits.yaml (needs control.base=BASE)")
+    c.add_argument("overrides", nargs="*", help=_overrides_help() + "; control.KEY=VALUE for the control section")
+    c = cs.add_parser("sample", help="samples under one condition image: a PNG of condition | sample pairs")
+    c.add_argument("checkpoint", help="a control file (control.safetensors of a run, or one `adapt` wrote)")
+    c.add_argument("--condition", default=None, help="condition image (PNG), exactly the base's size and channels")
+    c.add_argument("--source", default=None, help="or an image the instruction's operator turns into the condition")
+    c.add_argument("--instruction", default=None, help="e.g. edges:threshold=0.3, blur:radius=1+mask:threshold=0")
+    c.add_argument("--label", type=int, default=None, help="class label (default: the null class, no class)")
+    c.add_argument("--n", type=int, default=8)
+    c.add_argument("--base", default=None, help="the base DiT (default: the path the control file records)")
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--guidance", type=float, default=None, help="CFG over the class, the condition kept in both terms")
+    c.add_argument("--out", required=True, help="PNG to write")
+    c = cs.add_parser("adapt", help="few-shot: a new condition family, only new tailors and the gate train")
+    c.add_argument("checkpoint", help="a DivControl control file")
+    c.add_argument("--instruction", required=True, help="the new condition, e.g. outline:threshold=-0.5")
+    c.add_argument("--shots", type=int, default=None, help="K examples (default: the recipe's control.shots)")
+    c.add_argument("--recipe", default="divcontrol_adapt_digits", help="training settings (default: the shipped "
+                                                                      "recipes/control/divcontrol_adapt_digits.yaml)")
+    c.add_argument("--base", default=None, help="the base DiT (default: the path the control file records)")
+    c.add_argument("--out", required=True, help="the adapted control file (.safetensors)")
+    c.add_argument("overrides", nargs="*", help=_overrides_help())
+    for c in cs.choices.values():
+        if any("--out" in a.option_strings for a in c._actions):
+            c.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+    s.set_defaults(func=cmd_control)
 
     s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
     s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")
