@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="PNG to write")
     c = cs.add_parser("adapt", help="few-shot: a new condition family, only new tailors and the gate train")
     c.add_argument("checkpoint", help="a DivControl control file")
-    c.add_argument("--instruction", required=True, help="the new condition, e.g. outline:threshold=-0.5")
+    c.add_argument("--instruction", required=True, help="the new condition, e.g. negative:contrast=1")
     c.add_argument("--shots", type=int, default=None, help="K examples (default: the recipe's control.shots)")
     c.add_argument("--recipe", default="divcontrol_adapt_digits", help="training settings (default: the shipped "
                                                                       "recipes/control/divcontrol_adapt_digits.yaml)")

@@ -17,7 +17,8 @@ No code is public; everything below is lgframe's reading of the abstract
    conditioning vector c (adaLN), shared with the base.
 
 2. **Conditions and instructions** (`conditions.py`): operators computed from
-   the data and re-applicable to samples (edges, lowres, mask, blur, outline),
+   the data and re-applicable to samples (edges, lowres, mask, blur, outline,
+   negative),
    each with one parameter. An instruction is one setting or several composed;
    its embedding is built from the operator's attributes alone (family presence
    and normalized parameter), so an unseen setting, an unseen combination, or a

@@ -14,6 +14,7 @@ condition (fidelity).
 | mask    | threshold | -0.95..0.95| the binary silhouette x > threshold                                             |
 | blur    | radius    | 0.3..4     | Gaussian blur of standard deviation `radius` pixels, background outside        |
 | outline | threshold | -0.95..0.95| the silhouette's boundary: mask minus its 3x3 erosion                            |
+| negative| contrast  | 0.1..1     | the negative image, -contrast * x (a light background)                           |
 
 Binary families (edges, mask, outline) give {-1, 1} images. The instruction
 *embedding* the gate reads is computed from these attributes alone, so an unseen
@@ -25,8 +26,10 @@ embeds text instructions, which an 8x8 toy has no use for):
 
 with value_f the parameter normalized to [0, 1] over its valid range (lowres on
 a log2 scale). Every registered family has its slots, including one that no
-training run has seen yet (`outline` in the shipped recipes: the few-shot
-target), so adapting to it needs no new embedding dimension.
+training run has seen yet (`outline` and `negative` in the shipped recipes:
+few-shot targets), so adapting to it needs no new embedding dimension. (On 8x8
+digits, whose strokes are one or two pixels wide, `outline` is the mask to 1.2%
+of the pixels; `negative` is the one that differs from every training family.)
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ def blur(x: torch.Tensor, radius: float) -> torch.Tensor:
     return (u * 2 - 1).reshape(B, C, H, W)
 
 
+def negative(x: torch.Tensor, contrast: float) -> torch.Tensor:
+    return -contrast * x.float()
+
+
 def outline(x: torch.Tensor, threshold: float) -> torch.Tensor:
     m = (x.float() > threshold).float()
     eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0.0), 3, stride=1)
@@ -127,6 +134,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mask", "threshold", -0.95, 0.95, -0.5, True, mask),
     Family("blur", "radius", 0.3, 4.0, 1.0, False, blur),
     Family("outline", "threshold", -0.95, 0.95, -0.5, True, outline),
+    Family("negative", "contrast", 0.1, 1.0, 1.0, False, negative),
 )}
 EMBED_DIM = 2 * len(FAMILIES)
 

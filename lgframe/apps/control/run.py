@@ -70,7 +70,7 @@ class ControlCfg:
     align_block: int = 1  # ... aligned with the frozen DiT's tokens of the clean image after this many blocks
     samples: int = 8  # condition | sample pairs per instruction in samples.png and the report's fidelity
     checkpoint: Optional[str] = None  # adapt: the control file to adapt  # noqa: UP045
-    instruction: Optional[str] = None  # adapt: the new condition, e.g. outline:threshold=-0.5  # noqa: UP045
+    instruction: Optional[str] = None  # adapt: the new condition, e.g. negative:contrast=1  # noqa: UP045
     shots: int = 10  # adapt: K examples of the new condition (from the data's training split)
 
 
@@ -629,7 +629,7 @@ def run_control_adapt(cfg: DictConfig, ctl: ControlCfg, out: str | os.PathLike, 
 
     if ctl.checkpoint is None or ctl.instruction is None:
         raise LgframeError("control adapt needs the control file (control.checkpoint / CKPT) and the new condition "
-                           "(control.instruction / --instruction, e.g. outline:threshold=-0.5)")
+                           "(control.instruction / --instruction, e.g. negative:contrast=1)")
     check_output(out, [ctl.checkpoint, base], overwrite=overwrite)
     recipe = OmegaConf.to_container(cfg, resolve=True)
     check_trainer(recipe)
@@ -657,10 +657,10 @@ def run_control_adapt(cfg: DictConfig, ctl: ControlCfg, out: str | os.PathLike, 
     instructions = [parse_instruction(i) for i in meta["instructions"]] + [ins]
     path = save_control(model, out, meta.get("base_path") if base is None else base, instructions, recipe,
                         {"adapted": {"instruction": str(ins), "shots": ctl.shots, "from": str(ctl.checkpoint)}})
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(g.saved.numel() for g in guards)
     lines = [f"Adapted `{ctl.checkpoint}` to `{ins}` from {ctl.shots} examples: a tailor group for '{family}' "
              f"({model.spec.tailor_rank} components per role) and the gate trained, {recipe['trainer']['max_steps']} steps; "
-             f"{trained:,} parameters trainable (the old tailor components kept exactly)."]
+             f"{trained:,} parameters trained (the old tailor components kept exactly)."]
     grid, report, fid = _finish(task, [ins], dm, run_dir, ctl.samples, f"Control adapt: {ins}", lines)
     return ControlResult(run_dir, path, grid, report, fid, task.history, task)
 
