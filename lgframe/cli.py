@@ -429,6 +429,19 @@ def cmd_fewshot(args) -> int:
     return 0
 
 
+def cmd_evolve(args) -> int:
+    from lgframe.apps.evolve import load_cfg, run_evolve  # deferred: torch
+
+    cfg = load_cfg(args.recipe, args.overrides)
+    res = run_evolve(cfg)
+    print(f"results: {Path(cfg.out) / 'results.json'}; fitness plot: {Path(cfg.out) / 'fitness.png'}; "
+          f"learngene: {Path(cfg.out) / 'learngene.safetensors'}")
+    for dom, cell in res["heldout"].items():
+        print(f"held-out {dom}, {cfg.ways}-way {cfg.heldout_shots}-shot: " + ", ".join(
+            f"{m} {v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]" for m, v in cell.items()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lgframe.apps.demo import run_demo  # deferred: torch, Lightning, diffusers
 
@@ -602,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="a few-shot recipe (e.g. fewshot_digits_fad, under lgframe/recipes/fewshot/) or YAML path")
     s.add_argument("overrides", nargs="*", help="key=value (e.g. method=spatial shots=1 episodes=200)")
     s.set_defaults(func=cmd_fewshot)
+
+    s = sub.add_parser("evolve", help="GTL: evolve a learngene over generations of a population, test it on held-out tasks")
+    s.add_argument("recipe", help="an evolution recipe (e.g. evolve_digits_gtl, under lgframe/recipes/evolve/) or YAML path")
+    s.add_argument("overrides", nargs="*", help="key=value (e.g. generations=12 population=16 seed=1); "
+                                                "a run with state in out/ resumes")
+    s.set_defaults(func=cmd_evolve)
 
     s = sub.add_parser("demo", help="the whole chain on digits: pretrain, learngene, descend, train vs scratch, report")
     s.add_argument("--out", default="lgframe_demo")
