@@ -406,6 +406,29 @@ def cmd_control(args) -> int:
     return command(args)
 
 
+def cmd_creative(args) -> int:
+    from lgframe.apps import creative as cr  # deferred: torch, Lightning, diffusers
+
+    _quiet_lightning()
+    if args.stage == "train":
+        res = cr.run_train(cr.load_cfg(args.recipe, args.overrides))
+        curve = res["distok_curve"]
+        if curve:
+            print(f"DisTok alignment KL (train targets / held-out): {curve[0][1]:.3f} / {curve[0][2]:.3f} at step "
+                  f"{curve[0][0]} -> {curve[-1][1]:.3f} / {curve[-1][2]:.3f} at step {curve[-1][0]}")
+        if res["cretok_curve"]:
+            c = res["cretok_curve"]
+            print(f"creative token KL (train pairs / held-out pairs): {c[0][1]:.3f} / {c[0][2]:.3f} -> "
+                  f"{c[-1][1]:.3f} / {c[-1][2]:.3f}")
+        print(f"checkpoint: {res['checkpoint']}; samples: {res['samples']}")
+        return 0
+    _check_out(args, args.checkpoint)
+    out = cr.run_sample(args.checkpoint, args.dist, args.n, args.out, method=args.method, guidance=args.guidance,
+                        seed=args.seed, steps=args.steps)
+    print(f"wrote {out}: {args.n} samples of {args.dist} ({args.method})")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from lgframe.apps.compare import run_compare  # deferred: torch, Lightning, diffusers
     from lgframe.training.recipes import load_recipe  # deferred: torch, Lightning, diffusers
@@ -604,6 +627,27 @@ def build_parser() -> argparse.ArgumentParser:
         if any("--out" in a.option_strings for a in c._actions):
             c.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     s.set_defaults(func=cmd_control)
+
+    s = sub.add_parser("creative", help="DisTok (distribution-conditional tokens) and a CreTok-style creative token "
+                                        "on a frozen DiT: train, sample")
+    cs = s.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    c = cs.add_parser("train", help="train DisTok and the creative token (pre-trains a base DiT when base is null)")
+    c.add_argument("recipe", help="creative recipe YAML or shipped name, e.g. creative_digits")
+    c.add_argument("overrides", nargs="*", help="key=value (e.g. base=run/checkpoints/last.ckpt steps=300)")
+    c.set_defaults(func=cmd_creative)
+    c = cs.add_parser("sample", help="samples of one class distribution (or class pair) as a PNG grid")
+    c.add_argument("checkpoint", help="creative.safetensors written by `lgframe creative train` (or its run folder)")
+    c.add_argument("--dist", required=True, help="class distribution id:weight,... e.g. '3:0.5,8:0.5' "
+                                                 "(weights not summing to 1 are normalized, with a warning)")
+    c.add_argument("--n", type=int, default=16)
+    c.add_argument("--out", required=True, help="PNG file")
+    c.add_argument("--method", default="distok", help="distok | mixture | guidance_mix | cretok | sum | mean "
+                                                      "(the last three take a class pair)")
+    c.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the training recipe's)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=None, help="sampler steps (default: the base recipe's)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output (never one of the inputs)")
+    c.set_defaults(func=cmd_creative, overrides=[])
 
     s = sub.add_parser("compare", help="every constraint vs scratch at the recipe's sizes and seeds, one report")
     s.add_argument("recipe", help="recipe with a `compare:` section, e.g. recipes/compare_digits.yaml")

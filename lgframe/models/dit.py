@@ -6,7 +6,8 @@ init, and the size table at the bottom. Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`.
 
 Shapes: images x (B, C, H, W), timesteps t (B,), labels y (B,) with the null
-class `num_classes` meaning "unconditional" (classifier-free guidance).
+class `num_classes` meaning "unconditional" (classifier-free guidance), or in
+place of labels conditioning tokens (B, D) or (B, S, D), summed.
 """
 
 from __future__ import annotations
@@ -158,15 +159,29 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Row `num_classes` is the null class used for
-    classifier-free guidance; label dropout happens in the task, not here."""
+    classifier-free guidance; label dropout happens in the task, not here.
+
+    Token conditioning: a floating-point `y` is a conditioning vector in the
+    embedding space, (B, D), or a short sequence of them, (B, S, D), summed; a
+    class index is the special case of its table row (`token(y)`)."""
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
         self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def token(self, y: torch.Tensor) -> torch.Tensor:
+        """Class indices (...) -> their tokens (..., D): rows of the table (the null class included)."""
         return self.embedding_table(y)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if not y.is_floating_point():
+            return self.embedding_table(y)
+        D = self.embedding_table.embedding_dim
+        if y.dim() not in (2, 3) or y.shape[-1] != D:
+            raise ValueError(f"a conditioning token must be (B, {D}) or a sequence (B, S, {D}) summed, "
+                             f"got {tuple(y.shape)}; class indices are an integer tensor (B,)")
+        return y if y.dim() == 2 else y.sum(1)
 
 
 #################################################################################
@@ -224,7 +239,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Noise-prediction DiT: forward(x, t, y) -> eps with the shape of x."""
+    """Noise-prediction DiT: forward(x, t, y) -> eps with the shape of x; y is class
+    indices (B,) or conditioning tokens (B, D) / (B, S, D) (see LabelEmbedder)."""
 
     family = "dit"
 
