@@ -60,6 +60,11 @@ def test_token_sampling_with_cfg_equals_class_sampling(base):
     mine = cr.sample_with(base, lambda x, t: cr.guided_eps(base.model, x, t, base.tokens(y), base.table[-1], 3.0),
                           10, seed=4, steps=10)
     assert torch.equal(ref, mine)
+    # DiffusionTask.sample takes tokens too (its null class becomes the null row), and a summed sequence
+    assert torch.equal(base.task.sample(base.tokens(y), guidance=3.0, steps=10, seed=4), ref)
+    E = base.tokens(y)
+    assert torch.allclose(base.task.sample(torch.stack([E, torch.zeros_like(E)], 1), guidance=3.0, steps=10, seed=4),
+                          ref, atol=1e-6)
     # the class-mixture method on a one-hot target is the class itself
     p = torch.zeros(10)
     p[3] = 1

@@ -413,7 +413,8 @@ class DiffusionTask(LgTask):
         uncond_model: nn.Module | None = None,
         batch_size: int = 500,
     ) -> torch.Tensor:
-        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,) with classifier-free guidance
+        """Images (n, C, H, W) in [-1, 1] for class `labels` (n,), or conditioning tokens (n, D) /
+        (n, S, D) (a DiT's token conditioning; the null class is then its table row), with classifier-free guidance
         (clamped to [-clip_range, clip_range] under `diffusion.clip_sample`, the default, as the
         sampler clips its predicted x0; without it, unbounded data keep their range):
         eps = eps_u(x_t, null) + guidance * (eps(x_t, c) - eps_u(x_t, null)).
@@ -454,7 +455,9 @@ class DiffusionTask(LgTask):
         sched.set_timesteps(steps)
         # DDIM with clipping: the direction term uses the noise implied by the clipped x0, not the raw guided one
         extra = {"use_clipped_model_output": True} if kind == "ddim" and sched.config.clip_sample else {}
-        null = torch.full_like(labels, self.null_class)
+        if labels.is_floating_point() and labels.dim() == 3:  # a token sequence: the DiT sums it anyway
+            labels = labels.sum(1)
+        null = null_condition(self.model, labels)
         models = [self.model] + ([uncond_model] if uncond_model is not None else [])
         modes = [m.training for m in models]
         for m in models:
@@ -473,7 +476,7 @@ class DiffusionTask(LgTask):
                 eps = uncond + guidance * (cond - uncond)
             else:
                 cond = self.model(x, tt, labels)[:, : x.shape[1]]
-                other_null = torch.full_like(labels, uncond_model.config.num_classes)
+                other_null = null_condition(uncond_model, labels)
                 uncond = uncond_model(x, tt, other_null)[:, : x.shape[1]]
                 eps = uncond + guidance * (cond - uncond)
             x = sched.step(eps, t, x, generator=g, **extra).prev_sample if kind != "dpm" else sched.step(eps, t, x).prev_sample
@@ -481,6 +484,15 @@ class DiffusionTask(LgTask):
             m.train(mode)
         c = self.noise_scheduler.config
         return x.clamp(-c.clip_sample_range, c.clip_sample_range) if c.clip_sample else x
+
+
+def null_condition(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """`model`'s null class in the form of `labels`: indices (B,), or for token conditioning
+    (labels (B, D) floating point) the null class's table row, (B, D)."""
+    if not labels.is_floating_point():
+        return torch.full_like(labels, model.config.num_classes)
+    null = torch.full((labels.shape[0],), model.config.num_classes, dtype=torch.long, device=labels.device)
+    return model.y_embedder.token(null).detach().to(labels.dtype)
 
 
 def check_same_inputs(model: nn.Module, other: nn.Module, what: str = "the unconditional prior") -> None:
