@@ -230,5 +230,6 @@ def test_creative_token_beats_plain_sum_on_unseen_pairs(trained_base):
             x = cr.generate(trained_base, m, p, 64, seed=5, guidance=c.guidance, cretok=res.cretok)
             kl[m].append(cr.metrics(trained_base, x, p)["kl"])
     mean = {m: sum(v) / len(v) for m, v in kl.items()}
-    assert mean["cretok"] < mean["sum"] - 0.1, kl
-    assert sum(a < b for a, b in zip(kl["cretok"], kl["sum"])) >= 4, kl
+    # measured (base CREATIVE_TEST_BASE of the same recipe, 2026-12-03): 0.68 against 1.17, 4 of 5 pairs better
+    assert mean["cretok"] < mean["sum"] - 0.2, kl
+    assert sum(a < b for a, b in zip(kl["cretok"], kl["sum"])) >= 3, kl

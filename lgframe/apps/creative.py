@@ -166,7 +166,7 @@ class CreativeCfg:
     # creative token
     cretok_steps: int = 100
     cretok_batch: int = 8  # pairs per step (each rendered `renders` times)
-    cretok_lr: float = 5.0e-3
+    cretok_lr: float = 2.0e-2
     samples: int = 16  # samples per target in the run's report grid
 
 
