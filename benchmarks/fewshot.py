@@ -78,6 +78,7 @@ def main() -> None:
     out = Path(args.out)
     name = "fewshot_quick" if q else "fewshot"
     t0 = time.time()
+    code = commit()  # the code this run loads (a commit made while it runs is not in it)
     with tempfile.TemporaryDirectory() as tmp:
         c = FewshotCfg(pretrain_overrides=["model.name=ViT-Pico/2", "constraint=scratch", f"trainer.max_steps={pre_steps}",
                                            f"trainer.val_every={max(1, pre_steps // 4)}"],
@@ -114,7 +115,7 @@ def main() -> None:
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "torch": torch.__version__, "threads": args.threads, "quick": q,
+            "commit": code, "torch": torch.__version__, "threads": args.threads, "quick": q,
             "backbone": f"ViT-Pico/2, lgframe.fit vit_digits_pretrain constraint=scratch, {pre_steps} steps on digits",
             "backbone_digits_accuracy": source_acc,
             "episodes_per_cell": n_eps,

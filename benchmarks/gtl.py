@@ -73,6 +73,7 @@ def main() -> None:
     out = Path(args.out)
     name = "gtl_quick" if q else "gtl"
     t0 = time.time()
+    code = commit()  # the code this run loads (a commit made while it runs is not in it)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in seeds:
@@ -94,7 +95,7 @@ def main() -> None:
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit(), "torch": torch.__version__, "threads": args.threads, "quick": q, "seeds": seeds,
+            "commit": code, "torch": torch.__version__, "threads": args.threads, "quick": q, "seeds": seeds,
             "config": {k: v for k, v in cfg.items() if k not in ("seed", "out")},
             "learngene_fraction": {m: runs[seeds[0]]["learngene"][m]["fraction"] for m in runs[seeds[0]]["learngene"]},
             "evolved_learngene_blocks": {str(s): runs[s]["learngene"]["evolved"]["positions"] for s in seeds},
