@@ -20,12 +20,15 @@ fidelity curves during training; the cost of reaching per_condition's final fide
 parameter value, an unseen combination, and a family no run trained on, `negative`);
 few-shot: `negative` from K = 10 and 100 examples, divcontrol's new tailors + gate
 (lgframe control adapt) against dense_shared fine-tuned on the same examples (every
-branch tensor trained), same steps and learning rate. Means over seeds with 95%
+branch tensor trained), same steps and learning rate (1e-3), with two diagnostics of
+DivControl's: the tailors + gate at a rate of their own (1e-2), and at 1e-2 with the
+condition patch embedding trained too (not DivControl's adaptation). Means over seeds with 95%
 t-intervals; ratios as paired geometric means with t-intervals on the logs
 (lgframe.apps.stats), a win only where the interval excludes 1.
 
     python benchmarks/divcontrol.py --quick   # about a minute (run by tests/test_control_benchmark.py)
-    python benchmarks/divcontrol.py           # about 40 minutes on one CPU core
+    python benchmarks/divcontrol.py           # about 40 minutes on one CPU core (shared branches 1200 steps,
+                                              # the per-condition total; 300 per family)
 
 Writes benchmarks/results/divcontrol.json, divcontrol_curves.png, divcontrol_samples.png
 and divcontrol_fewshot.png (divcontrol_quick.* with --quick).
@@ -77,6 +80,14 @@ ZERO_SHOT = {  # setting -> the per_condition branch that stands in for it
 }
 NOVEL = "negative:contrast=1"
 METHODS = ("divcontrol", "divcontrol_noalign", "dense_shared", "per_condition", "no_control")
+# few-shot variants: name -> (source model, adaptation, learning rate). DivControl's is the first; the rate of its own
+# (DESIGN: scalers barely move at 1e-3) and the condition embedding trained too are diagnostics of why it lags.
+FEW_SHOT = {
+    "tailors+gate": ("divcontrol", "tailors+gate", 1e-3),
+    "tailors+gate lr 1e-2": ("divcontrol", "tailors+gate", 1e-2),
+    "tailors+gate+cond_embed lr 1e-2 (diagnostic)": ("divcontrol", "tailors+gate+cond_embed", 1e-2),
+    "dense fine-tune": ("dense_shared", "dense", 1e-3),
+}
 
 
 class Probe(pl.Callback):
@@ -119,8 +130,8 @@ def main() -> None:
     q = args.quick
     P = dict(base_steps=60, steps=20, pc_steps=10, fs_steps=6, shots=[10], seeds=1, eval_n=8, eval_steps=4,
              curve_n=4, curve_steps=2, curve_points=2, batch=32) if q else \
-        dict(base_steps=1500, steps=600, pc_steps=300, fs_steps=150, shots=[10, 100], seeds=3, eval_n=100, eval_steps=20,
-             curve_n=32, curve_steps=10, curve_points=10, batch=64)
+        dict(base_steps=1500, steps=1200, pc_steps=300, fs_steps=150, shots=[10, 100], seeds=3, eval_n=100, eval_steps=20,
+             curve_n=32, curve_steps=10, curve_points=12, batch=64)
     if args.seeds:
         P["seeds"] = args.seeds
     seeds = list(range(P["seeds"]))
@@ -194,22 +205,24 @@ def main() -> None:
                           "align_first": align_hist[0] if align_hist else None,
                           "align_last10": sum(align_hist[-10:]) / len(align_hist[-10:]) if align_hist else None}
 
-        def adapt(task, seed, k, how):
+        def adapt(task, seed, k, how, lr):
             """Few-shot `negative` from k training examples: divcontrol adds a tailor group and trains it with the
-            gate; dense fine-tunes every branch tensor. Same steps, rate and examples."""
+            gate; dense fine-tunes every branch tensor. Same steps and examples."""
             ins = parse_instruction(NOVEL)
             pick = torch.randperm(len(xt), generator=torch.Generator().manual_seed(100 + seed))[:k]
             pl.seed_everything(seed, verbose=False)
             src = task.model
-            if how == "tailors+gate":
+            if how.startswith("tailors+gate"):
                 model = with_new_family(src, NOVEL.split(":")[0], seed=seed)
                 guards = prepare_adaptation(model, len(src.spec.groups))
+                if how.endswith("cond_embed"):
+                    model.branch.cond_embed.requires_grad_(True)
             else:
                 model = ControlledDiT(base, src.spec, init="empty")
                 model.load_state_dict(src.state_dict())
                 guards = []
-            r = recipe(P["fs_steps"], seed)
-            fst = ControlTask(r, model, [ins], 0.5 if how == "tailors+gate" else 0.0, guards)
+            r = recipe(P["fs_steps"], seed, lr)
+            fst = ControlTask(r, model, [ins], 0.5 if model.align is not None else 0.0, guards)
             curve = []
             every = max(1, P["fs_steps"] // 5)
 
@@ -218,7 +231,7 @@ def main() -> None:
                 curve.append({"step": step, "mse": f[NOVEL]["mse"]})
 
             t = time.time()
-            fit_task(fst, r, Path(tmp) / f"fs-{how}-{k}-{seed}",
+            fit_task(fst, r, Path(tmp) / f"fs-{how}-{lr}-{k}-{seed}",
                      few_shot_loader(xt[pick], yt[pick], min(P["batch"], 32), P["fs_steps"], seed),
                      callbacks=[Probe(every, probe)])
             secs = time.time() - t
@@ -271,11 +284,11 @@ def main() -> None:
             # few-shot
             fewshot = {}
             for k in P["shots"]:
-                for how, src in (("tailors+gate", "divcontrol"), ("dense fine-tune", "dense_shared")):
-                    r, smp, cnd = adapt(tasks[src], seed, k, how)
-                    fewshot[f"{how} K={k}"] = r
+                for name, (src, how, lr) in FEW_SHOT.items():
+                    r, smp, cnd = adapt(tasks[src], seed, k, how, lr)
+                    fewshot[f"{name} K={k}"] = r | {"lr": lr}
                     if seed == 0:
-                        grid_samples[f"fewshot {how} K={k}"] = smp
+                        grid_samples[f"fewshot {name} K={k}"] = smp
                         grid_samples["fewshot conditions"] = cnd
             runs["few_shot"] = fewshot
             result["runs"][str(seed)] = runs
@@ -294,12 +307,13 @@ def main() -> None:
             "protocol": (f"batch {P['batch']}, AdamW lr 1e-3 (warmup 20), grad clip 1, no EMA; divcontrol/noalign/"
                          f"dense_shared {P['steps']} steps on the 7 settings mixed per batch; per_condition "
                          f"{P['pc_steps']} steps per family ({P['pc_steps'] * 4} in all); few-shot {P['fs_steps']} steps "
-                         "at batch 32 from K training images (drawn with replacement), lr 1e-3 for both; sampling DDIM "
+                         "at batch 32 from K training images (drawn with replacement), lr 1e-3 (the variants named: 1e-2); sampling DDIM "
                          f"{P['eval_steps']} steps, guidance 1 (no CFG), the same noise for every method, "
                          f"{P['eval_n']} validation images per setting; curves: {P['curve_n']} images, DDIM "
                          f"{P['curve_steps']} steps"),
             "reduced": ("sized for about 40 minutes on one CPU core: a DiT-Pico/2 base of 1500 steps (undertrained: "
-                        "its own samples have digits FID in the hundreds), 600 control steps, 300 per family, 100 "
+                        "its own samples have digits FID in the hundreds), 1200 steps for each shared branch (the per-condition "
+                        "branches' total), 300 per family, 100 "
                         "evaluation images per setting (FID over the 700 pooled samples of the trained settings is "
                         "biased upward at this count: compare methods with each other only), guidance 1 only"),
         }
@@ -308,9 +322,8 @@ def main() -> None:
         plot_curves(result, out / f"{stem}_curves.png")
         plot_grid(grid_samples, out / f"{stem}_samples.png", TRAIN + list(ZERO_SHOT),
                   ["conditions", "divcontrol", "dense_shared", "per_condition", "no_control"], 3)
-        plot_grid(grid_samples, out / f"{stem}_fewshot.png", [NOVEL],
-                  ["fewshot conditions"] + [f"fewshot {h} K={k}" for k in P["shots"] for h in ("tailors+gate", "dense fine-tune")],
-                  6, key_per_column=True)
+        plot_fewshot(grid_samples, out / f"{stem}_fewshot.png",
+                     ["fewshot conditions"] + [f"fewshot {h} K={k}" for k in P["shots"] for h in FEW_SHOT], 8)
     print_summary(result["summary"])
 
 
@@ -377,11 +390,14 @@ def summarize(runs: dict, seeds: list, P: dict) -> dict:
                                 "final_mse_on_curve": t_interval([r["curve"][-1]["mse"] for r in rows]),
                                 "params_trained": rows[0]["params_trained"]}
     for k in P["shots"]:
-        a = [runs[i]["few_shot"][f"tailors+gate K={k}"]["final"]["mse"] for i in S]
         b = [runs[i]["few_shot"][f"dense fine-tune K={k}"]["final"]["mse"] for i in S]
-        iv = ratio_interval(a, b)
-        out["few_shot"][f"ratio tailors+gate / dense K={k}"] = {"mse_ratio": iv,
-                                                               "verdict": verdict(iv) if len(S) > 1 else "n/a (1 seed)"}
+        for name in FEW_SHOT:
+            if name == "dense fine-tune":
+                continue
+            a = [runs[i]["few_shot"][f"{name} K={k}"]["final"]["mse"] for i in S]
+            iv = ratio_interval(a, b)
+            out["few_shot"][f"ratio {name} / dense fine-tune K={k}"] = {
+                "mse_ratio": iv, "verdict": verdict(iv) if len(S) > 1 else "n/a (1 seed)"}
     out["alignment"] = {m: {"first": t_interval([runs[i][m]["align_first"] for i in S]),
                             "last10": t_interval([runs[i][m]["align_last10"] for i in S])} for m in ("divcontrol",)}
     return out
@@ -424,6 +440,8 @@ def plot_curves(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     ax = axes.flat[-1]
     for key, r in run["few_shot"].items():
+        if "diagnostic" in key:
+            continue
         ax.plot([p["step"] for p in r["curve"]], [p["mse"] for p in r["curve"]], marker=".", label=key)
     ax.set_title(f"few-shot {NOVEL}", fontsize=9)
     ax.set_xlabel("adaptation step")
@@ -436,7 +454,31 @@ def plot_curves(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_grid(samples: dict, path: Path, settings: list, columns: list, per: int, key_per_column: bool = False) -> None:
+def plot_fewshot(samples: dict, path: Path, rows: list, per: int) -> None:
+    """One row per entry (the conditions, then each adaptation's samples), `per` images each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), per, figsize=(per * 0.9 + 2.4, len(rows) * 0.95 + 0.5), dpi=100, squeeze=False)
+    for r, name in enumerate(rows):
+        imgs = samples.get(name, {}).get(NOVEL)
+        for j in range(per):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if imgs is not None and j < len(imgs):
+                ax.imshow(((imgs[j, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_ylabel(name.replace("fewshot ", "").replace("conditions", "condition"), fontsize=6, rotation=0,
+                              ha="right", va="center")
+    fig.suptitle(f"few-shot {NOVEL} (seed 0): the condition, then each adaptation's samples (same noise)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_grid(samples: dict, path: Path, settings: list, columns: list, per: int) -> None:
     """Rows: settings; for each of `per` images, one column per entry of `columns` (condition | samples)."""
     import matplotlib
 
