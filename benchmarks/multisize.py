@@ -21,11 +21,14 @@ Per size: select, scratch, plain and multi-size kronecker descendants under the 
 (templates frozen throughout, `init.unfreeze_at=-1`). Reported: the paired AUC ratio multi-size /
 plain, and each / select and / scratch, with 95% t-intervals over the seeds (lgframe/apps/stats.py).
 By default only the first inside size and the larger outside size, under the recipe's protocol
-(DEFAULT_SIZES, DEFAULT_VARIANTS: ~45 min on one shared core); `--sizes all --variants all` is the
-whole grid (~2 h there).
+(DEFAULT_SIZES, DEFAULT_VARIANTS); `--sizes all --variants all` is the whole grid. Measured on
+2026-12-03 on one core of a shared 2-core machine: ancestors 449 s, default grid 1174 s, the rest of
+the whole grid 983 s (about 45 min in all; the first estimate, 117 s for one 6 x 96 run under
+heavier load, had predicted ~2 h, hence the cut default).
 
     python benchmarks/multisize.py --threads 1       # runs (finished ones reused) + the report
     python benchmarks/multisize.py --estimate        # one descendant run, timed: the grid's cost
+    python benchmarks/multisize.py --report          # .md and .png again from multisize.json
 
 Runs live in `--work` (default benchmarks/.work/multisize): finished runs are reused, so a stopped
 benchmark continues. Results: benchmarks/results/multisize.json, .md and .png.
@@ -71,7 +74,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "multisize_frozen": ("kronecker", "kronecker_multisize", ["init.unfreeze_at=-1"]),
 }
 PAIRS = [("multisize", "plain"), ("multisize_frozen", "plain_frozen")]
-# The default grid, cut to fit ~45 min on one shared core (measured 2026-12-03: the ancestors 449 s
+# The default grid, cut to fit ~45 min on one shared core (estimated 2026-12-03: the ancestors 449 s
 # together, one 6 x 96 descendant 117 s; the full grid, 4 sizes x 6 variants x 3 seeds = 72 runs, ~2 h):
 # one size inside the list (the exact sub-network) and one outside (compare's larger size), and the
 # recipe's protocol only. `--sizes all --variants all` runs the rest (finished runs are reused).
@@ -186,6 +189,9 @@ def markdown(doc: dict) -> str:
              "`unfreeze_at: 0`); `*_frozen` keep the templates frozen throughout (`init.unfreeze_at=-1`, WeiT's "
              "transfer protocol). All runs of a row share the seeds; everything below was measured in this run.", "",
              f"Grid: {m['grid']}", "",
+             "Caveat: each ancestor is one training run (seed 0); the intervals cover the descendants' seeds "
+             "(data order, noise, fresh parameters), not the spread between ancestor runs, which is why they are "
+             "narrow.", "",
              "## Ancestors (full model, validation loss)", ""]
     lines += markdown_table(["ancestor", "final val loss"],
                             [[n, f"{a['final']:.4f}"] for n, a in doc["ancestors"].items()]) + [""]
@@ -258,7 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--estimate", action="store_true", help="time the ancestors and one descendant, then stop")
+    ap.add_argument("--report", action="store_true", help="only rebuild multisize.md and .png from multisize.json")
     args = ap.parse_args(argv)
+    if args.report:
+        doc = json.loads((Path(args.out) / "multisize.json").read_text())
+        write_text(Path(args.out) / "multisize.md", markdown(doc))
+        plot(doc, Path(args.out) / "multisize.png")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = {"default": DEFAULT_SIZES, "all": INSIDE + OUTSIDE, "inside": INSIDE,

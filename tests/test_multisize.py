@@ -14,7 +14,7 @@ from lgframe.core.constraint import BANK
 from lgframe.core.layout import model_dims, select_width, width_index
 from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
-from lgframe.models.nested import depth_layers, nested_size, nested_subnetwork
+from lgframe.models.nested import depth_layers, nested_size, nested_subnetwork, sample_size
 from lgframe.models.registry import create_model
 from lgframe.training.recipes import load_recipe, to_plain
 from lgframe.training.stages import fit
@@ -54,20 +54,19 @@ def batch(n=8, seed=0):
     return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
 
 
-def smaller_dense(model, depth, width, heads):
+def smaller_dense(model, depth, width, heads, name="DiT-Pico/2"):
     """The dense model of that size holding the ancestor's slices: every tensor the layout's
     consistent width selection (first heads, first hidden units, first features) of the
     materialized ancestor, the blocks of `depth_layers` (as tests/test_nested.py and
     tests/test_tucker.py build it)."""
     dense = get_constraint("kronecker").materialize(copy.deepcopy(model))
-    wide = create_model("DiT-Pico/2", image_size=8, in_channels=1, num_classes=10, width=width, heads=heads)
+    wide = create_model(name, image_size=8, in_channels=1, num_classes=10, width=width, heads=heads)
     a, b, sd = model_dims(dense), model_dims(wide), dense.state_dict()
     with torch.no_grad():
         for n, p in wide.named_parameters():
             p.copy_(select_width(sd[n], p.detach(), a, b, n))
     keep = depth_layers(len(dense.blocks), depth)
-    small = create_model("DiT-Pico/2", image_size=8, in_channels=1, num_classes=10, width=width, heads=heads,
-                         depth=depth)
+    small = create_model(name, image_size=8, in_channels=1, num_classes=10, width=width, heads=heads, depth=depth)
     state = {}
     for k, v in wide.state_dict().items():
         if k.startswith("blocks."):
@@ -159,6 +158,28 @@ def selection_mask(p, name, a, b):
     mask = torch.zeros(p.numel(), dtype=torch.bool)
     mask[picked] = True
     return mask.view(p.shape)
+
+
+def test_the_classification_training_step_runs_the_drawn_sub_network():
+    """ViT: training_step itself enters the drawn size (here step 0 of a seed that draws depth 2,
+    width 32) and its loss is the smaller ViT's (affine norms and the class token included)."""
+    seed = next(s for s in range(100) if sample_size([2, 3, 4], [0.5, 1.0], s, 0) == (2, 0.5))
+    torch.manual_seed(0)
+    model = activate(create_model("ViT-Pico/2", image_size=8, in_channels=1, num_classes=10))
+    task = make_task(to_plain(load_recipe("vit_digits_pretrain", ["constraint=kronecker", "model.name=ViT-Pico/2",
+                                                                  *QUIET, *MULTI, f"seed={seed}"])), model)
+    task.configure_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x, y = batch()
+    model.train()
+    loss = task.training_step((x, y), 0)
+    small = smaller_dense(model, depth=2, width=32, heads=1, name="ViT-Pico/2")
+    ref = torch.nn.functional.cross_entropy(small(x), y)
+    assert abs(loss.item() - ref.item()) < 1e-5, (loss.item(), ref.item())
+    model.eval()
+    assert abs(torch.nn.functional.cross_entropy(model(x), y).item() - ref.item()) > 1e-3  # eval: the full model
 
 
 def test_nested_sub_network_is_the_same_depth_descendant():
