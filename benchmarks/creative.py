@@ -181,8 +181,7 @@ def main(argv=None) -> int:
               + "; pairs " + ", ".join(f"{m} {v['kl']:.3f}" for m, v in per_seed[-1]["pairs"].items()), flush=True)
     result = {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-                 "command": "python benchmarks/creative.py" + (" --quick" if args.quick else "")
-                            + (f" --base {args.base}" if args.base else ""),
+                 "command": "python benchmarks/creative.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  "threads": args.threads, "quick": args.quick, "seeds": seeds, "samples_per_target": n,
                  "guidance": c.guidance, "sampler": "base recipe's (ddpm, 50 steps)" if steps is None else f"{steps} steps",
                  "sizing": "full mode sized to about 30 minutes on one core (pre-training the base included)",
