@@ -74,9 +74,7 @@ from lgframe.formats.files import atomic_dir, atomic_path, read_safetensors, sav
 from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
-from lgframe.training.ema import WarmupEMA
-from lgframe.training.progress import StepProgressBar
-from lgframe.training.stages import QUIET, make_loggers, plot_curves, read_curve, unique_dir
+from lgframe.training.stages import QUIET, plot_curves, read_curve, single_device_trainer, unique_dir
 from lgframe.training.tasks import DiffusionTask
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -363,25 +361,10 @@ def check_settings(recipe: dict) -> None:
 
 
 def personalize_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None) -> pl.Trainer:
-    """The Lightning Trainer of a personalization run, from fit's pieces: its loggers,
-    progress bar, WarmupEMA (`ema.*`), precision and accelerator keys, one device, no
-    checkpoints (the run writes the adapter folder)."""
+    """The Lightning Trainer of a personalization run: fit's pieces (`single_device_trainer`),
+    one device, no checkpoints (the run writes the adapter folder)."""
     check_settings(recipe)
-    t, e = recipe["trainer"], recipe["ema"]
-    callbacks = list(callbacks or []) + ([StepProgressBar(recipe["name"])] if t["progress"] else [])
-    if e["enabled"]:
-        callbacks.append(WarmupEMA(decay=e["decay"], warmup=e["warmup"], update_starting_at_step=e["start_step"]))
-    acc = t.get("accumulate_grad_batches", 1)
-    with warnings.catch_warnings():
-        for pattern in QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        return pl.Trainer(
-            max_steps=t["max_steps"], val_check_interval=t["val_every"] * acc, accumulate_grad_batches=acc,
-            check_val_every_n_epoch=None, log_every_n_steps=t["log_every"], accelerator=t["accelerator"],
-            devices=t["devices"], precision=precision_of(recipe), gradient_clip_val=recipe["optim"]["grad_clip"] or None,
-            logger=make_loggers(t["logger"], run_dir, recipe["name"]), callbacks=callbacks, enable_checkpointing=False,
-            enable_progress_bar=t["progress"], enable_model_summary=False, num_sanity_val_steps=0,
-            default_root_dir=run_dir)
+    return single_device_trainer(recipe, run_dir, callbacks, precision=precision_of(recipe))
 
 
 class PersonalizeTask(DiffusionTask):

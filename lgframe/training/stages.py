@@ -275,6 +275,29 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     return build_model(model_meta(task.model), state)
 
 
+def single_device_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None, label: str | None = None,
+                          precision: str | None = None) -> pl.Trainer:
+    """A one-device Lightning Trainer from fit's pieces for an app run (personalize, control):
+    its loggers, progress bar, WarmupEMA (`ema.*`), precision, accumulation and clipping; no
+    checkpoints (the app writes its own file). The caller checks the keys it honours first."""
+    t, e = recipe["trainer"], recipe["ema"]
+    callbacks = list(callbacks or []) + ([StepProgressBar(label or recipe["name"])] if t["progress"] else [])
+    if e["enabled"]:
+        callbacks.append(WarmupEMA(decay=e["decay"], warmup=e["warmup"], update_starting_at_step=e["start_step"]))
+    acc = t.get("accumulate_grad_batches", 1)
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        return pl.Trainer(
+            max_steps=t["max_steps"], val_check_interval=t["val_every"] * acc, accumulate_grad_batches=acc,
+            check_val_every_n_epoch=None, log_every_n_steps=t["log_every"], accelerator=t["accelerator"],
+            devices=t["devices"], precision=precision or t["precision"],
+            gradient_clip_val=recipe["optim"]["grad_clip"] or None,
+            logger=make_loggers(t["logger"], run_dir, recipe["name"]), callbacks=callbacks, enable_checkpointing=False,
+            enable_progress_bar=t["progress"], enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=run_dir)
+
+
 def check_loggers(names) -> None:
     """Each logger of `trainer.logger` has its package (before any run folder is made)."""
     import importlib.util

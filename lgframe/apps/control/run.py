@@ -35,10 +35,8 @@ from lgframe.errors import LgframeError
 from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_text
 from lgframe.models.dit import DiT
 from lgframe.models.files import read_model
-from lgframe.training.ema import WarmupEMA
-from lgframe.training.progress import StepProgressBar
 from lgframe.training.recipes import RECIPE_DIR, load_recipe
-from lgframe.training.stages import QUIET, make_loggers, plot_curves, read_curve, unique_dir
+from lgframe.training.stages import QUIET, plot_curves, read_curve, single_device_trainer, unique_dir
 from lgframe.training.tasks import SAMPLERS, DiffusionTask
 
 from .conditions import FAMILIES, Instruction, apply_each, embeddings, fidelity, parse_instruction
@@ -472,24 +470,10 @@ def check_trainer(recipe: dict) -> None:
 
 
 def control_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None, label: str | None = None) -> pl.Trainer:
-    """A one-device Lightning Trainer from fit's pieces: its loggers, progress bar, WarmupEMA
-    (`ema.*`), precision and clipping; no checkpoints (a run writes its control file)."""
+    """A one-device Lightning Trainer from fit's pieces (`single_device_trainer`); no
+    checkpoints (a run writes its control file)."""
     check_trainer(recipe)
-    t, e = recipe["trainer"], recipe["ema"]
-    callbacks = list(callbacks or []) + ([StepProgressBar(label or recipe["name"])] if t["progress"] else [])
-    if e["enabled"]:
-        callbacks.append(WarmupEMA(decay=e["decay"], warmup=e["warmup"], update_starting_at_step=e["start_step"]))
-    acc = t.get("accumulate_grad_batches", 1)
-    with warnings.catch_warnings():
-        for pattern in QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        return pl.Trainer(
-            max_steps=t["max_steps"], val_check_interval=t["val_every"] * acc, accumulate_grad_batches=acc,
-            check_val_every_n_epoch=None, log_every_n_steps=t["log_every"], accelerator=t["accelerator"],
-            devices=t["devices"], precision=t["precision"], gradient_clip_val=recipe["optim"]["grad_clip"] or None,
-            logger=make_loggers(t["logger"], run_dir, recipe["name"]), callbacks=callbacks, enable_checkpointing=False,
-            enable_progress_bar=t["progress"], enable_model_summary=False, num_sanity_val_steps=0,
-            default_root_dir=run_dir)
+    return single_device_trainer(recipe, run_dir, callbacks, label=label)
 
 
 # The frozen base stays in eval mode on purpose (Lightning warns about it at fit start).
