@@ -32,8 +32,9 @@ import torch
 
 from lgframe.apps.episodes import load_domain
 from lgframe.apps.fewshot import METHODS, FewshotCfg, check_cfg, evaluate_method, pretrained_backbone
+from lgframe.apps.report import save_figure
 from lgframe.apps.stats import t_interval
-from lgframe.formats.files import atomic_path, write_json
+from lgframe.formats.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LR_GRID = {"full": [3e-4, 1e-3, 3e-3], "proto": [None]}
@@ -158,10 +159,7 @@ def plot(result: dict, path: Path, targets: list[str]) -> None:
                 ax.set_ylabel("query accuracy (95% CI)")
     n = result["meta"]["episodes_per_cell"]
     fig.suptitle(f"digits-pretrained ViT-Pico/2, 5-way episodes ({n} per cell)", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from lgframe.apps.evolve import EVAL_METHODS, EvolveCfg, run_evolve
+from lgframe.apps.report import save_figure
 from lgframe.apps.stats import t_interval
-from lgframe.formats.files import atomic_path, write_json
+from lgframe.formats.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -140,10 +141,7 @@ def plot(result: dict, path: Path) -> None:
                color=["tab:red" if m == "evolved" else "tab:gray" for m in EVAL_METHODS])
         ax.set_ylim(0, 1)
         ax.set_title(f"held-out {dom} (95% CI over {len(result['seeds'])} seeds)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

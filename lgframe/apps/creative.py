@@ -111,6 +111,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lgframe.apps.report import save_figure
 from lgframe.data.datamodule import ImageDataModule
 from lgframe.errors import LgframeError
 from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_json
@@ -867,11 +868,8 @@ def save_grid(rows: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], out: str
     axes[0][0].set_title("target", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return out
 
 

@@ -487,7 +487,7 @@ def plot_fitness(histories: dict[str, list[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lgframe.formats.files import atomic_path
+    from lgframe.apps.report import save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for i, (name, hist) in enumerate(histories.items()):
@@ -497,8 +497,5 @@ def plot_fitness(histories: dict[str, list[dict]], path: Path) -> Path:
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (task query accuracy)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return path

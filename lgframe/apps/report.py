@@ -11,13 +11,14 @@ def markdown_table(head: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
             *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
 
 
-def save_figure(fig, path) -> None:
-    """A matplotlib figure as a PNG, laid out tight, written atomically, then closed."""
+def save_figure(fig, path, dpi: float | None = None) -> None:
+    """A matplotlib figure as a PNG, laid out tight, written atomically, then closed
+    (`dpi`: matplotlib's savefig.dpi when None)."""
     import matplotlib.pyplot as plt  # deferred: matplotlib (plots only)
 
     from lgframe.formats.files import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
