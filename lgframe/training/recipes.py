@@ -317,6 +317,17 @@ def _yaml_value(v) -> str:
     return str(v)
 
 
+def read_recipe_file(p: Path) -> DictConfig:
+    """A recipe file's mapping; not YAML, or not a mapping, is one clear error."""
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as e:
+        raise LgframeError(f"recipe '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise LgframeError(f"recipe '{p}' must be a mapping of keys to values")
+    return loaded
+
+
 def load_recipe(path: str | Path | dict | Recipe | DictConfig | None = None, overrides=None) -> DictConfig:
     """Schema defaults <- the recipe <- overrides, validated; returns a DictConfig.
 
@@ -336,13 +347,7 @@ def load_recipe(path: str | Path | dict | Recipe | DictConfig | None = None, ove
         elif path is not None:
             p = resolve_recipe_path(path)
             where = str(p)
-            try:
-                loaded = OmegaConf.load(p)
-            except Exception as e:
-                raise LgframeError(f"recipe '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-            if not isinstance(loaded, DictConfig):
-                raise LgframeError(f"recipe '{p}' must be a mapping of keys to values")
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = OmegaConf.merge(cfg, read_recipe_file(p))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

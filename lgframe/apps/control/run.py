@@ -35,7 +35,7 @@ from lgframe.errors import LgframeError
 from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, write_text
 from lgframe.models.dit import DiT
 from lgframe.models.files import read_model
-from lgframe.training.recipes import RECIPE_DIR, load_recipe
+from lgframe.training.recipes import RECIPE_DIR, load_recipe, read_recipe_file
 from lgframe.training.stages import QUIET, plot_curves, read_curve, single_device_trainer, unique_dir
 from lgframe.training.tasks import SAMPLERS, DiffusionTask
 
@@ -101,12 +101,7 @@ def load_control_recipe(path: str | os.PathLike | None, overrides: list[str] | N
     if path is not None:
         p = _control_recipe_path(path)
         where = str(p)
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as e:
-            raise LgframeError(f"recipe '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, DictConfig):
-            raise LgframeError(f"recipe '{p}' must be a mapping of keys to values")
+        loaded = read_recipe_file(p)
     section = loaded.pop("control", None) or {}
     try:
         ctl = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ControlCfg), section, OmegaConf.from_dotlist(own)))
