@@ -288,7 +288,7 @@ def test_bad_condition_images_and_outputs_are_refused(tmp_path):
               torch.zeros(1, 1, 4, 4), parse_instruction("edges").embedding()[None])
 
 
-def test_control_recipes_validate_and_name_their_command():
+def test_control_recipes_validate_and_name_their_command(tmp_path):
     paths = shipped_control_recipes()
     assert {p.name for p in paths} >= {"divcontrol_digits.yaml", "divcontrol_adapt_digits.yaml"}
     for p in paths:
@@ -303,6 +303,10 @@ def test_control_recipes_validate_and_name_their_command():
         load_control_recipe("divcontrol_digits", ["control.method=sparse"])
     with pytest.raises(LgframeError, match="unknown recipe key 'trainer.max_stepz'"):
         load_control_recipe("divcontrol_digits", ["trainer.max_stepz=3"])
+    for key in ("trainer.compile=true", "trainer.checkpoint_every=5", "trainer.activation_checkpointing=true"):
+        cfg, _ = load_control_recipe("divcontrol_digits", [key])
+        with pytest.raises(LgframeError, match=f"{key.split('=')[0]}=.*: control .*; valid: "):
+            control_trainer(OmegaConf.to_container(cfg, resolve=True), tmp_path)
 
 
 def test_cli_train_sample_adapt(tmp_path, capsys):

@@ -183,6 +183,30 @@ def test_lora_file_loads_and_merges_into_a_plain_dit(tmp_path):
     assert at_image_size(base, 16).config.image_size == 16
 
 
+def test_activation_checkpointing_keeps_the_gradients_and_cuts_saved_activations():
+    """trainer.activation_checkpointing: the blocks recompute themselves in the backward;
+    the loss and every gradient are those of the plain step, the saved activations shrink."""
+    x0 = subject_images("shapes:3", 8, 16, 1)
+    out = {}
+    for ckpt in (False, True):
+        model, subject = lora_model(0, 1, size=16)
+        nudge_lora(model)
+        r = recipe(patch_sampling=False, s_min=16, image_size=16, skip_front=0, skip_back=1)
+        r["trainer"]["activation_checkpointing"] = ckpt
+        task = PersonalizeTask(r, model, subject)
+        task.configure_model()
+        assert all(b.activation_checkpointing == ckpt for b in model.blocks)
+        mem = step_memory(task, x0)
+        torch.manual_seed(0)
+        loss = task.training_step((x0,), 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        out[ckpt] = loss.item(), grads, mem["activations"]
+    assert abs(out[True][0] - out[False][0]) < 1e-6
+    assert max((out[True][1][n] - g).abs().max().item() for n, g in out[False][1].items()) < 1e-6
+    assert out[True][2] < 0.5 * out[False][2], (out[True][2], out[False][2])
+
+
 def test_bad_settings_name_what_is_valid(tmp_path):
     with pytest.raises(LgframeError, match=r"at least one block left to train \(front \+ back <= 3\)"):
         block_ranges(4, 2, 2)
@@ -196,6 +220,10 @@ def test_bad_settings_name_what_is_valid(tmp_path):
         subject_images(str(tmp_path / "imgs"), 3, 16, 1)
     with pytest.raises(LgframeError, match="personalize.base is required"):
         run_personalize(load_recipe("dit_personalize_shapes", []))
+    for key, match in (("trainer.compile=true", "does not compile its blocks.*valid: false"),
+                       ("trainer.checkpoint_every=10", "writes its own file once.*valid: 0")):
+        with pytest.raises(LgframeError, match=match):
+            run_personalize(load_recipe("dit_personalize_shapes", [key, "personalize.base=x.safetensors"]))
 
 
 def test_personalize_end_to_end(tmp_path):

@@ -38,8 +38,9 @@ grid; other grids and crops read it by bilinear interpolation over the image
 (`PositionTable`).
 
 Training runs on one device under the recipe's `optim` (adamw | sgd, lr,
-weight_decay, warmup, schedule: LgTask's optimizer), `ema` (fit's WarmupEMA)
-and `trainer.precision`; settings personalize cannot honour are refused
+weight_decay, warmup, schedule: LgTask's optimizer), `ema` (fit's WarmupEMA),
+`trainer.precision` and `trainer.activation_checkpointing`; settings personalize
+cannot honour (several devices, `compile`, `checkpoint_every`) are refused
 (`check_settings`). The run writes the LoRA as a PEFT adapter folder
 (`adapter_config.json` + `adapter_model.safetensors`, loadable with
 `peft.PeftModel.from_pretrained` onto the base DiT that has the subject class,
@@ -74,7 +75,7 @@ from lgframe.formats.files import atomic_dir, atomic_path, read_safetensors, sav
 from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
-from lgframe.training.stages import QUIET, plot_curves, read_curve, single_device_trainer, unique_dir
+from lgframe.training.stages import QUIET, plot_curves, read_curve, refuse_unhonoured, single_device_trainer, unique_dir
 from lgframe.training.tasks import DiffusionTask
 
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -358,6 +359,7 @@ def check_settings(recipe: dict) -> None:
         raise LgframeError(f"trainer.strategy={t['strategy']!r}: personalize trains on one device; valid: auto")
     if t["num_nodes"] != 1:
         raise LgframeError(f"trainer.num_nodes={t['num_nodes']!r}: personalize trains on one device; valid: 1")
+    refuse_unhonoured(recipe, "personalize", honoured=("activation_checkpointing",))
 
 
 def personalize_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None) -> pl.Trainer:
@@ -444,7 +446,13 @@ class PersonalizeTask(DiffusionTask):
 
     @override
     def configure_model(self) -> None:
-        """Nothing to attach: the base is dense and frozen, the adapters are in place."""
+        """Nothing to attach: the base is dense and frozen, the adapters are in place.
+        `trainer.activation_checkpointing`: every block keeps only its inputs and recomputes
+        itself in the backward (only the middle blocks have a backward: the skipped ones
+        run under no_grad)."""
+        if self.recipe["trainer"].get("activation_checkpointing"):
+            for block in self.model.blocks:  # DiTBlocks, some with LoRA (so not a Layout's identical blocks)
+                block.activation_checkpointing = True
 
     # configure_optimizers: LgTask's (fit's) optimizer over the trainable parameters (LoRA A, B and the
     # class table): optim.name adamw | sgd, lr, weight_decay, warmup_steps, schedule.

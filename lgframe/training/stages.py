@@ -275,6 +275,22 @@ def full_model(task: LgTask, sharded: bool) -> nn.Module:
     return build_model(model_meta(task.model), state)
 
 
+UNHONOURED = {  # trainer keys a one-device app run may not honour, with why and the valid value
+    "compile": ("does not compile its blocks", False),
+    "checkpoint_every": ("writes its own file once, at the end of the run", 0),
+    "activation_checkpointing": ("does not recompute its blocks in the backward", False),
+}
+
+
+def refuse_unhonoured(recipe: dict, app: str, honoured: tuple[str, ...] = ()) -> None:
+    """An app run (personalize, control) refuses the `trainer` keys of UNHONOURED it does
+    not honour when they are set, instead of ignoring them."""
+    t = recipe["trainer"]
+    for key, (why, valid) in UNHONOURED.items():
+        if key not in honoured and t.get(key, valid) != valid:
+            raise LgframeError(f"trainer.{key}={t[key]!r}: {app} {why}; valid: {str(valid).lower()}")
+
+
 def single_device_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None, label: str | None = None,
                           precision: str | None = None) -> pl.Trainer:
     """A one-device Lightning Trainer from fit's pieces for an app run (personalize, control):

@@ -36,7 +36,7 @@ from lgframe.formats.files import atomic_path, read_safetensors, save_tensors, w
 from lgframe.models.dit import DiT
 from lgframe.models.files import read_model
 from lgframe.training.recipes import RECIPE_DIR, load_recipe, read_recipe_file
-from lgframe.training.stages import QUIET, plot_curves, read_curve, single_device_trainer, unique_dir
+from lgframe.training.stages import QUIET, plot_curves, read_curve, refuse_unhonoured, single_device_trainer, unique_dir
 from lgframe.training.tasks import SAMPLERS, DiffusionTask
 
 from .conditions import FAMILIES, Instruction, apply_each, embeddings, fidelity, parse_instruction
@@ -462,6 +462,7 @@ def check_trainer(recipe: dict) -> None:
                            f"num_nodes={t['num_nodes']!r}; valid: devices 1 (or [id]), strategy auto, num_nodes 1")
     if recipe["optim"]["name"] not in ("adamw", "sgd"):
         raise LgframeError(f"optim.name={recipe['optim']['name']!r}; valid: adamw, sgd")
+    refuse_unhonoured(recipe, "control")
 
 
 def control_trainer(recipe: dict, run_dir: Path, callbacks: list | None = None, label: str | None = None) -> pl.Trainer:
