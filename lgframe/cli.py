@@ -334,15 +334,18 @@ def cmd_weightspace(args) -> int:
     if args.stage == "train":
         ds = ws.WeightDataset.load(args.recipe)
         over = ws.load_cfg(None, args.overrides)
-        for k in ("tokens", "components", "token_channels", "dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed"):
+        for k in ("tokens", "components", "token_channels", "dit", "dit_steps", "dit_batch", "dit_lr", "guidance", "seed",
+                  "logger"):
             if any(o.startswith(k + "=") for o in args.overrides):
                 setattr(ds.cfg, k, getattr(over, k))
         out = args.out or "weightspace_generator.safetensors"
         _check_out(argparse.Namespace(out=out, overwrite=args.overwrite), args.recipe)
         _quiet_lightning()
-        task, stats = ws.train_generator(ds)
+        logs = Path(out).with_name(Path(out).stem + "_logs")
+        task, stats = ws.train_generator(ds, log_dir=logs)
         ws.save_generator(task, stats, args.recipe, out)
-        print(f"wrote {out}: a DiT over {stats['tokens']} weight tokens ({stats['grid']}x{stats['grid']} grid)")
+        print(f"wrote {out}: a DiT over {stats['tokens']} weight tokens ({stats['grid']}x{stats['grid']} grid); "
+              f"training logs in {logs}/ (metrics.csv)")
         return 0
     if args.n < 1:
         raise LgframeError(f"--n {args.n}: the number of samples must be at least 1")

@@ -1,6 +1,8 @@
 """mLoRA weight-space learning: identity at init, shared seeded mask, batched fits
 reach a PSNR, the dataset round-trips, generated weights render, the CLI runs."""
 
+import math
+
 import pytest
 import torch
 
@@ -105,6 +107,8 @@ def test_config_errors():
         load_cfg(None, ["rnak=4"])
     with pytest.raises(LgframeError, match="valid: pca, layer"):
         load_cfg(None, ["tokens=rows"])
+    with pytest.raises(LgframeError, match=r"unknown \['mlflow'\]; valid: csv, tensorboard, wandb"):
+        load_cfg(None, ["logger=[csv,mlflow]"])
 
 
 def test_cli_fit_train_sample(tmp_path):
@@ -114,6 +118,11 @@ def test_cli_fit_train_sample(tmp_path):
     ds = WeightDataset.load(ws)
     assert ds.weights.shape == (32, 780) and ds.cfg.repr == "mlora" and ds.cfg.mask
     assert main(["weightspace", "train", str(ws), "dit_steps=5", "dit_batch=16", "--out", str(gen)]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "gen_logs" / "metrics.csv")))  # the generator's training curve
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 5 and all(math.isfinite(v) and v > 0 for v in losses), rows[:2]
     from lgframe.apps.weightspace import load_generator
 
     task, stats, path = load_generator(gen)

@@ -36,6 +36,7 @@ render back into images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -57,7 +58,7 @@ from lgframe.formats.files import read_safetensors, save_tensors
 from lgframe.models.files import build_model, model_meta
 from lgframe.models.registry import create_model
 from lgframe.training.metrics import class_accuracy, digits_fid
-from lgframe.training.recipes import load_recipe
+from lgframe.training.recipes import LOGGERS, load_recipe
 from lgframe.training.tasks import DiffusionTask
 
 REPRS = ("mlora", "lora", "full")
@@ -110,6 +111,7 @@ class WeightspaceCfg:
     samples: int = 100
     guidance: float = 2.0
     seed: int = 0
+    logger: list = dataclasses.field(default_factory=lambda: ["csv"])  # train: csv (always) + tensorboard | wandb, as trainer.logger
 
 
 def check_cfg(c: WeightspaceCfg) -> None:
@@ -117,6 +119,9 @@ def check_cfg(c: WeightspaceCfg) -> None:
         raise LgframeError(f"repr={c.repr!r}; valid: {', '.join(REPRS)}")
     if c.data not in DATA:
         raise LgframeError(f"data={c.data!r}; valid: {', '.join(DATA)}")
+    bad = [v for v in c.logger if v not in LOGGERS]
+    if bad:
+        raise LgframeError(f"logger={c.logger!r}: unknown {bad}; valid: {', '.join(LOGGERS)}")
     for k in ("size", "n", "rank", "steps", "batch_items", "components", "token_channels"):
         if getattr(c, k) < 1:
             raise LgframeError(f"{k}={getattr(c, k)} must be >= 1")
@@ -545,11 +550,14 @@ def dit_recipe(c: WeightspaceCfg, classes: int) -> dict:
     return OmegaConf.to_container(r, resolve=True)
 
 
-def train_generator(ds: WeightDataset, progress: bool = True):
-    """A class-conditional DiT trained on the weight tokens; returns (task, stats)."""
-
+def train_generator(ds: WeightDataset, progress: bool = True, log_dir: str | os.PathLike | None = None):
+    """A class-conditional DiT trained on the weight tokens; returns (task, stats).
+    `log_dir`: the run's loggers (`logger`: metrics.csv always, TensorBoard and W&B as
+    `trainer.logger` makes them) write there; None logs nothing."""
+    from lgframe.training.stages import make_loggers  # deferred: the training stages
 
     c = ds.cfg
+    loggers = make_loggers(c.logger, Path(log_dir), "weightspace") if log_dir is not None else False
     z, stats = token_grid(ds)
     classes = int(ds.labels.max()) + 1
     pl.seed_everything(c.seed, verbose=False)
@@ -557,8 +565,9 @@ def train_generator(ds: WeightDataset, progress: bool = True):
     if model.config.patch_size != 1:
         raise LgframeError(f"dit={c.dit!r}: weight tokens need patch size 1 (e.g. DiT-Pico/1)")
     task = DiffusionTask(dit_recipe(c, classes), model)
-    trainer = pl.Trainer(max_steps=c.dit_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0)
+    trainer = pl.Trainer(max_steps=c.dit_steps, accelerator="cpu", logger=loggers, enable_checkpointing=False,
+                         enable_progress_bar=progress, enable_model_summary=False, gradient_clip_val=1.0,
+                         log_every_n_steps=min(50, max(1, c.dit_steps // 10)))
     g = torch.Generator().manual_seed(c.seed)
     trainer.fit(task, DataLoader(TensorDataset(z, ds.labels), batch_size=c.dit_batch, shuffle=True, drop_last=True,
                                  generator=g))
