@@ -4,6 +4,7 @@ and the depth plan it uses; nested widths are tested with tucker (tests/test_tuc
 import pytest
 import torch
 
+from lgframe.core.layout import depth_positions
 from lgframe.errors import LgframeError
 from lgframe.models.nested import depth_layers, nested_depth
 from lgframe.models.registry import create_model
@@ -12,8 +13,13 @@ from lgframe.models.registry import create_model
 def test_depth_layers_keep_first_and_last_evenly_spaced():
     assert depth_layers(12, 4) == [0, 4, 7, 11]
     assert depth_layers(6, 6) == list(range(6))
-    assert depth_layers(6, 1) == [0]
+    assert depth_layers(6, 1) == [2] and depth_layers(5, 1) == [2]  # the middle, as the descent's one layer
     assert depth_layers(4, 2) == [0, 3]
+    for depth in range(1, 13):  # the descent's positions, rounded: equal wherever they are whole layers
+        for sub in range(1, depth + 1):
+            pos = depth_positions(depth, sub)
+            layers = depth_layers(depth, sub)
+            assert len(set(layers)) == sub and all(abs(p - q) <= 0.5 for p, q in zip(pos.tolist(), layers))
     with pytest.raises(LgframeError, match=r"valid: 1\.\.6"):
         depth_layers(6, 7)
 

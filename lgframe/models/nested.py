@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgframe.core.constraint import BANK, attached_constraint
-from lgframe.core.layout import Dims, Layout, Role, dims_of, model_dims, model_identity, width_index
+from lgframe.core.layout import Dims, Layout, Role, depth_positions, dims_of, model_dims, model_identity, width_index
 from lgframe.errors import LgframeError
 from lgframe.models.registry import model_from_config
 
@@ -239,13 +239,15 @@ def nested_width(model: nn.Module, ratio: float):
 
 
 def depth_layers(depth: int, sub: int) -> list[int]:
-    """The layers of a `depth`-layer model a `sub`-layer descendant lines up with: evenly spaced,
-    first and last kept (where the descent's depth resampling is exact)."""
+    """The layers of a `depth`-layer model a `sub`-layer descendant lines up with: the descent's
+    own source positions (`layout.depth_positions`: evenly spaced, first and last kept), each
+    rounded to its nearest layer. Where a position is a whole layer the descent copies that
+    layer, so the nested sub-network is exactly the descendant's depth; a single layer sits
+    at the middle, as the descent's does."""
     if not 1 <= sub <= depth:
         raise LgframeError(f"nested depth {sub} of a {depth}-layer model; valid: 1..{depth}")
-    if sub == 1:
-        return [0]
-    return sorted({round(i * (depth - 1) / (sub - 1)) for i in range(sub)})
+    # positions are >= 1 apart when sub < depth, so the rounded layers are distinct
+    return [int(round(float(p))) for p in depth_positions(depth, sub)]
 
 
 def _identity(x, *args, **kwargs):
