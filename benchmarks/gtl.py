@@ -10,7 +10,7 @@ method with the same fresh rest and steps in a task. Means over seeds with 95%
 t-intervals, the paired difference evolved - each method (per seed, t-interval), and the
 same pooled over every held-out task of every seed.
 
-    python benchmarks/gtl.py --threads 1              # ~20 min on one free core
+    python benchmarks/gtl.py --threads 1              # ~7 min on one core (420 s on 2026-12-03)
     python benchmarks/gtl.py --quick --out /tmp/x     # ~1 min (run by the tests)
 
 Writes benchmarks/results/gtl.json and gtl.png (gtl_quick.* with --quick).
