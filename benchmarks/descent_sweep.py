@@ -12,7 +12,9 @@ A variant is a method plus recipe overrides (VARIANTS below): the descent schedu
 -1 = the learngene frozen throughout, the papers' transfer protocol), dropping the
 constraint after the descent (`init.materialize`, WAVE's dense stage 2), svd's
 `sigma_init`, and the training-free amplitude rules of dct and dwt (`keep`,
-`renormalize` / `match_stats`, `fan_in_power`). Per variant and size: the paired AUC
+`renormalize` / `match_stats`, `fan_in_power`), and FRONT's spectral refinement (the
+dense ancestor trained on with the dct regularizer before its learngene is taken, against
+the same extra steps without it). Per variant and size: the paired AUC
 ratio to select and to scratch with 95% t-intervals over the seeds
 (lgframe/apps/stats.py), and the final-loss ratio.
 
@@ -46,6 +48,7 @@ from lgframe.apps.report import markdown_table, save_figure
 from lgframe.apps.stats import summarize
 from lgframe.formats.files import write_json, write_text
 from lgframe.training.recipes import load_recipe
+from lgframe.training.stages import extract_learngene_file
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -85,11 +88,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dct_no_renormalize": ("dct", ["constraint={name: dct, renormalize: false}"]),
     "dct_fan_in_0": ("dct", ["constraint={name: dct, fan_in_power: 0.0}"]),
     "dct_fan_in_1": ("dct", ["constraint={name: dct, fan_in_power: 1.0}"]),
+    # FRONT's spectral refinement: the dense ancestor trained REFINE_STEPS more steps with the dct
+    # regularizer (lam: the share of each role's energy outside the kept block), then the dct learngene
+    # of that; `dct_continued` is the same extra training at lam 0 (the control for the extra steps)
+    "dct_refined": ("dct", []),
+    "dct_continued": ("dct", []),
     "dwt": ("dwt", []),
     "dwt_no_match_stats": ("dwt", ["constraint={name: dwt, match_stats: false}"]),
     "dwt_fan_in_0": ("dwt", ["constraint={name: dwt, fan_in_power: 0.0}"]),
     "dwt_fan_in_1": ("dwt", ["constraint={name: dwt, fan_in_power: 1.0}"]),
 }
+REFINE = {"dct_refined": 1.0, "dct_continued": 0.0}  # variant -> lam of the refinement phase
+REFINE_STEPS, REFINE_LR = 200, 3e-4  # as recipes/dit_digits_refine_dct.yaml
 FAMILIES = {  # family -> compare_animals overrides turning it into that family's compare
     "dit": [],
     "vit": ["task=classification", "model.name=ViT-Pico/4", "compare.ancestor_recipe=vit_digits_pretrain",
@@ -108,6 +118,23 @@ def compare_cfg(family: str, work: Path, seeds: int, progress: bool):
                                            f"trainer.progress={str(progress).lower()}"])
 
 
+def refined_learngene(cfg, ancestor_dir: Path, variant: str) -> Path:
+    """The dct learngene of the dense ancestor after REFINE_STEPS more steps at the variant's lam
+    (FRONT's refinement, or its lam-0 control); the run and the file are reused when there."""
+    lam = REFINE[variant]
+    lg = ancestor_dir / "learngenes" / f"dct_refine_lam{lam:g}.safetensors"
+    if lg.exists():
+        return lg
+    dense = ancestor_dir / "ancestor_dense" / "checkpoints" / "last.ckpt"
+    over = ancestor_overrides(cfg, ancestor_dir) + [
+        f"name=ancestor_dense_refine_lam{lam:g}", f"constraint={{name: dct, lam: {lam}}}", f"init.source={dense}",
+        f"trainer.max_steps={REFINE_STEPS}", f"trainer.val_every={REFINE_STEPS // 4}", f"optim.lr={REFINE_LR}",
+        "optim.warmup_steps=0", "ema.enabled=false"]
+    run = fit_or_reuse(load_recipe(cfg.compare.ancestor_recipe, over), load=False)
+    extract_learngene_file(run.checkpoint, lg, {"name": "dct"})
+    return lg
+
+
 def run_variant(cfg, variant: str, learngenes: dict, work: Path) -> dict[str, list[dict]]:
     """{size: [one row per seed]} for one variant; its runs are compare's for the baselines."""
     method, extra = VARIANTS[variant]
@@ -123,7 +150,8 @@ def run_variant(cfg, variant: str, learngenes: dict, work: Path) -> dict[str, li
             if method == "scratch":
                 over = [f"name={name}", "constraint=scratch"]
             else:
-                over = [f"name={name}", f"constraint={method}", f"init.source={learngenes[method]}"]
+                source = learngenes.get(variant, learngenes[method])
+                over = [f"name={name}", f"constraint={method}", f"init.source={source}"]
             r = fit_or_reuse(load_recipe(cfg.compare.descendant_recipe, common + over + extra), load=False)
             curve = [(s, 1.0 - a) for s, a in r.acc_curve] if higher else r.curve
             rows.setdefault(size, []).append({"seed": seed, "curve": curve})
@@ -223,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         methods = sorted({VARIANTS[v][0] for v in args.variants.split(",")} - {"scratch"})
         learngenes, _ = build_ancestors(load_recipe(cfg, [f"compare.constraints=[{','.join(methods)}]"]), ancestor_dir,
                                         ancestor_overrides(cfg, ancestor_dir))
+        for v in args.variants.split(","):
+            if v in REFINE:
+                learngenes[v] = refined_learngene(cfg, ancestor_dir, v)
         for v in args.variants.split(","):
             path = work / "rows" / args.family / f"{v}.json"
             if path.exists():
