@@ -17,39 +17,43 @@ sys.path.insert(0, str(BENCH))
 import proof  # noqa: E402  (benchmarks/ is not a package)
 
 
-def test_quick_run_writes_cells_with_the_protocol(tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH / "proof.py"), "--quick", "--out", str(tmp_path / "out"),
-                        "--work", str(tmp_path / "work"), "--threads", "2"], capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("family", ["dit", pytest.param("vit", marks=pytest.mark.slow)])
+def test_quick_run_writes_cells_with_the_protocol(tmp_path, family):
+    """One family per run (the ViT's is `slow`: the DiT's covers the shared protocol, plus FID
+    and samples; the ViT adds only its error-rate curves)."""
+    r = subprocess.run([sys.executable, str(BENCH / "proof.py"), "--quick", "--families", family, "--out",
+                        str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--threads", "2"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     p = proof.protocol(quick=True)
-    for family in ("dit", "vit"):
-        d = json.loads((tmp_path / "out" / f"proof_quick_{family}.json").read_text())
-        assert d["meta"]["methods"] == ["svd", "select"] and d["meta"]["seeds"] == [0]
-        assert set(d["ancestors"]["animals"]) == {"svd", "select"}
-        cells = d["settings"]["base"]
-        assert set(cells) == {"smaller", "larger"}
-        for cell in cells.values():
-            assert set(cell) == {"scratch", "svd", "select"}
-            for name, e in cell.items():
-                (run,) = e["runs"]
-                steps = [s for s, _ in run["curve"]]
-                # validated every steps/points steps, from step 0 to the last
-                assert steps == list(range(0, p["steps"] + 1, p["steps"] // p["points"]))
-                assert e["auc"][0] == pytest.approx(area_under_curve(run["curve"]))
-                assert e["auc"][1] == e["auc"][2] == e["auc"][0]  # one seed: the interval is the point
-                if family == "vit":
-                    assert all(0 <= v <= 1 for _, v in run["curve"])  # an error rate
-                else:
-                    assert {"fid_g1", "fid_best", "class_acc_best"} <= set(e)
-                    assert run["best_guidance"] in proof.GUIDANCES
-                if name != "select":
-                    ratio = e["auc_ratio_to_select"][0]
-                    assert ratio == pytest.approx(e["auc"][0] / cell["select"]["auc"][0])
-                    assert e["auc_verdict_vs_select"] == "n/a (1 seed)"  # no interval from one seed
-            # the copied and the learngene model start from their ancestor, not from a fresh init
-            if family == "dit":
-                assert cell["svd"]["step0"][0] < cell["scratch"]["step0"][0]
-    assert (tmp_path / "out" / "proof_quick_samples_base_smaller.png").stat().st_size > 1000
+    d = json.loads((tmp_path / "out" / f"proof_quick_{family}.json").read_text())
+    assert d["meta"]["methods"] == ["svd", "select"] and d["meta"]["seeds"] == [0]
+    assert set(d["ancestors"]["animals"]) == {"svd", "select"}
+    cells = d["settings"]["base"]
+    assert set(cells) == {"smaller", "larger"}
+    for cell in cells.values():
+        assert set(cell) == {"scratch", "svd", "select"}
+        for name, e in cell.items():
+            (run,) = e["runs"]
+            steps = [s for s, _ in run["curve"]]
+            # validated every steps/points steps, from step 0 to the last
+            assert steps == list(range(0, p["steps"] + 1, p["steps"] // p["points"]))
+            assert e["auc"][0] == pytest.approx(area_under_curve(run["curve"]))
+            assert e["auc"][1] == e["auc"][2] == e["auc"][0]  # one seed: the interval is the point
+            if family == "vit":
+                assert all(0 <= v <= 1 for _, v in run["curve"])  # an error rate
+            else:
+                assert {"fid_g1", "fid_best", "class_acc_best"} <= set(e)
+                assert run["best_guidance"] in proof.GUIDANCES
+            if name != "select":
+                ratio = e["auc_ratio_to_select"][0]
+                assert ratio == pytest.approx(e["auc"][0] / cell["select"]["auc"][0])
+                assert e["auc_verdict_vs_select"] == "n/a (1 seed)"  # no interval from one seed
+        # the copied and the learngene model start from their ancestor, not from a fresh init
+        if family == "dit":
+            assert cell["svd"]["step0"][0] < cell["scratch"]["step0"][0]
+    if family == "dit":
+        assert (tmp_path / "out" / "proof_quick_samples_base_smaller.png").stat().st_size > 1000
 
 
 def _curves(scale: float, seed: int, noise: float = 0.01) -> list[tuple[int, float]]:

@@ -13,6 +13,7 @@ def first_epoch(res) -> float:
     return float(np.mean([v for _, v in read_curve(res.run_dir, "train/loss")][: 1437 // 128]))
 
 
+@pytest.mark.slow  # two 150-step ancestors and two descendants: about 30 s alone on 2 cores, 90 s under load
 def test_stochastic_width_scaling_helps_an_untrained_width(tmp_path):
     """Ancestors DiT-Pico/2 with 4 heads (width 64), 150 steps, seed 0, tucker,
     with width_ratios [0.5, 1.0] (trains widths 32 and 64) and without; both
