@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--episodes", type=int, default=None, help="test episodes per cell (default 120; quick 2)")
+    ap.add_argument("--episodes", type=int, default=None, help="test episodes per cell (default 120; quick 2; the committed run used 200)")
     ap.add_argument("--lr-episodes", type=int, default=None, help="held-apart episodes per target for the lr choice")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="adaptation steps per episode (default 20; quick 2)")
