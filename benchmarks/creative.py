@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,24 +39,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lgframe.apps import creative as cr  # noqa: E402
+from lgframe.apps.report import source_commit
 from lgframe.apps.stats import ratio_interval, t_interval, verdict  # noqa: E402
 from lgframe.formats.files import write_json  # noqa: E402
 from lgframe.models.registry import create_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
+CODE = ("lgframe/apps/creative.py", "lgframe/models/dit.py", "benchmarks/creative.py")  # the code a result depends on
 METRICS = ("kl", "entropy", "mass", "fid", "diversity")
 DIST_METHODS = ("distok", "distok_x0", "mixture", "guidance_mix")
-
-
-def commit() -> str | None:
-    try:
-        run = {"capture_output": True, "text": True, "cwd": Path(__file__).resolve().parent, "timeout": 10}
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe/apps/creative.py", "lgframe/models/dit.py",
-                                "benchmarks/creative.py"], **run).stdout.strip()
-        return head + ("+changes" if dirty else "") if head else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def random_base() -> cr.Base:
@@ -180,7 +171,8 @@ def main(argv=None) -> int:
               + ", ".join(f"{m} {v['kl']:.3f}" for m, v in per_seed[-1]["distributions"].items())
               + "; pairs " + ", ".join(f"{m} {v['kl']:.3f}" for m, v in per_seed[-1]["pairs"].items()), flush=True)
     result = {
-        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "commit": source_commit(ROOT, CODE, missing=None, timeout=10),
                  "command": "python benchmarks/creative.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  "threads": args.threads, "quick": args.quick, "seeds": seeds, "samples_per_target": n,
                  "guidance": c.guidance, "sampler": "base recipe's (ddpm, 50 steps)" if steps is None else f"{steps} steps",

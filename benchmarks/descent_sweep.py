@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from lgframe.apps.compare import (
     quality_key,
     size_tag,
 )
-from lgframe.apps.report import markdown_table, save_figure
+from lgframe.apps.report import markdown_table, save_figure, source_commit
 from lgframe.apps.stats import summarize
 from lgframe.formats.files import write_json, write_text
 from lgframe.training.recipes import load_recipe
@@ -52,6 +51,7 @@ from lgframe.training.stages import extract_learngene_file
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
 BASELINES = ("select", "scratch")
 
 # variant -> (method, overrides); "select" and "scratch" are the baselines every ratio is paired with.
@@ -217,14 +217,6 @@ def plot(summary: dict, found: dict, path: Path, family: str) -> None:
     save_figure(fig, path)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="dit", choices=sorted(FAMILIES))
@@ -260,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             t0 = time.time()
             rows = run_variant(cfg, v, learngenes, work)
-            write_json(path, {"rows": rows, "measured": {"date": time.strftime("%Y-%m-%d"), "commit": commit(),
+            write_json(path, {"rows": rows, "measured": {"date": time.strftime("%Y-%m-%d"),
+                                                         "commit": source_commit(ROOT),
                                                          "wall_seconds": round(time.time() - t0, 1)}})
             print(f"{v}: done in {time.time() - t0:.0f} s", flush=True)
     print(report(args.family, work, out, meta))

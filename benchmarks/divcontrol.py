@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ from lgframe.apps.control.run import (
     read_base,
     with_new_family,
 )
+from lgframe.apps.report import source_commit
 from lgframe.apps.stats import ratio_interval, t_interval, verdict
 from lgframe.data.datamodule import EpochSampler, ImageDataModule
 from lgframe.formats.files import write_json
@@ -68,6 +68,8 @@ from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
+CODE = ("lgframe/apps/control", "strategies/kind.py", "benchmarks/divcontrol.py")  # the code a result depends on
 TRAIN = ["edges:threshold=0.2", "edges:threshold=0.5", "lowres:factor=2", "mask:threshold=-0.5", "mask:threshold=0",
          "blur:radius=0.6", "blur:radius=1.4"]
 FAMILY_OF = {s: s.split(":")[0] for s in TRAIN}
@@ -102,17 +104,6 @@ class Probe(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every == 0:
             self.fn(trainer.global_step)
-
-
-def commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe/apps/control", "strategies/kind.py",
-                                "benchmarks/divcontrol.py"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return head + ("+changes" if dirty else "") if head else None
-    except OSError:
-        return None
 
 
 def n_trained(model: torch.nn.Module) -> int:
@@ -297,7 +288,8 @@ def main() -> None:
 
         result["summary"] = summarize(result["runs"], seeds, P)
         result["meta"] = {
-            "date": datetime.date.today().isoformat(), "commit": commit(), "quick": q, "seeds": seeds,
+            "date": datetime.date.today().isoformat(), "commit": source_commit(ROOT, CODE, missing=None),
+            "quick": q, "seeds": seeds,
             "command": "python benchmarks/divcontrol.py" + (" --quick" if q else ""), "threads": args.threads,
             "wall_seconds": round(time.time() - t0, 1), "sizes": P,
             "base": {"model": "DiT-Pico/2 (depth 4, width 64)", "data": "digits 8x8", "steps": P["base_steps"],

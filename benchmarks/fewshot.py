@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,24 +31,15 @@ import torch
 
 from lgframe.apps.episodes import load_domain
 from lgframe.apps.fewshot import METHODS, FewshotCfg, check_cfg, evaluate_method, pretrained_backbone
-from lgframe.apps.report import save_figure
+from lgframe.apps.report import save_figure, source_commit
 from lgframe.apps.stats import t_interval
 from lgframe.formats.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
+CODE = ("lgframe", "benchmarks/fewshot.py")  # the code a result depends on
 LR_GRID = {"full": [3e-4, 1e-3, 3e-3], "proto": [None]}
 LR_DEFAULT_GRID = [3e-3, 1e-2, 3e-2]
-
-
-def commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe", "benchmarks/fewshot.py"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def backbone_accuracy(model, image_size: int = 8) -> float:
@@ -79,7 +69,7 @@ def main() -> None:
     out = Path(args.out)
     name = "fewshot_quick" if q else "fewshot"
     t0 = time.time()
-    code = commit()  # the code this run loads (a commit made while it runs is not in it)
+    code = source_commit(ROOT, CODE)  # the code this run loads (a commit made while it runs is not in it)
     with tempfile.TemporaryDirectory() as tmp:
         c = FewshotCfg(pretrain_overrides=["model.name=ViT-Pico/2", "constraint=scratch", f"trainer.max_steps={pre_steps}",
                                            f"trainer.val_every={max(1, pre_steps // 4)}"],

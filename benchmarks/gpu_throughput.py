@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,6 +129,7 @@ def main() -> int:
         print("gpu_throughput: no CUDA device here; nothing measured (run it on a GPU machine)")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
+    from lgframe.apps.report import source_commit
     from lgframe.formats.files import write_json
 
     rows = []
@@ -146,7 +146,7 @@ def main() -> int:
                     else:
                         print(f"{what}  {r['steps_per_s']:7.2f} steps/s  {r['images_per_s']:8.1f} img/s  "
                               f"peak {r['peak_gib']:6.2f} GiB", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = source_commit(HERE.parent)
     write_json(Path(args.out), {"date": datetime.date.today().isoformat(), "commit": commit,
                                 "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict
@@ -29,22 +28,13 @@ from pathlib import Path
 import torch
 
 from lgframe.apps.evolve import EVAL_METHODS, EvolveCfg, run_evolve
-from lgframe.apps.report import save_figure
+from lgframe.apps.report import save_figure, source_commit
 from lgframe.apps.stats import t_interval
 from lgframe.formats.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe/apps", "benchmarks/gtl.py"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
+CODE = ("lgframe/apps", "benchmarks/gtl.py")  # the code a result depends on
 
 
 def interval(values) -> dict:
@@ -74,7 +64,7 @@ def main() -> None:
     out = Path(args.out)
     name = "gtl_quick" if q else "gtl"
     t0 = time.time()
-    code = commit()  # the code this run loads (a commit made while it runs is not in it)
+    code = source_commit(ROOT, CODE)  # the code this run loads (a commit made while it runs is not in it)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for s in seeds:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from lgframe.apps.compare import (
     fit_or_reuse,
     size_tag,
 )
-from lgframe.apps.report import markdown_table, save_figure
+from lgframe.apps.report import markdown_table, save_figure, source_commit
 from lgframe.apps.stats import ratio_interval, summarize, verdict
 from lgframe.formats.files import write_json, write_text
 from lgframe.training.recipes import load_recipe
@@ -61,6 +60,7 @@ from lgframe.training.stages import extract_learngene_file, read_curve
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
 MULTISIZE = ["multisize.depths=[2,3,4]", "multisize.widths=[32,64]"]
 INSIDE = ["DiT-Pico/4 depth=2 width=32 heads=1", "DiT-Pico/4 depth=3 width=32 heads=1"]
 OUTSIDE = ["DiT-Pico/4 depth=3 width=32 heads=2", "DiT-Pico/4 depth=6 width=96 heads=3"]
@@ -154,14 +154,6 @@ def paired(rows: dict[str, list[dict]], a: str, b: str, key: str) -> dict:
     """a / b of `key` per seed (geometric mean, 95% t-interval on the logs) and its verdict."""
     iv = ratio_interval([r[key] for r in rows[a]], [r[key] for r in rows[b]])
     return {"ratio": iv, "verdict": verdict(iv) if len(rows[a]) > 1 else "n/a (1 seed)"}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def invocation(i: dict) -> str:
@@ -316,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         doc_sizes[size] = {"where": "inside" if size in INSIDE else "outside", "summary": summary, "pairs": pairs}
     command = "python benchmarks/multisize.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
-    this = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
+    this = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": source_commit(ROOT),
             "wall_seconds": round(time.time() - t0, 1), "descendant_runs_trained": new,
             "descendant_runs_reused": sum(len(rs) for cell in rows.values() for rs in cell.values()) - new}
     before = out / "multisize.json"  # earlier invocations on the same work folder trained the reused runs

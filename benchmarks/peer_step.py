@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lgframe.apps.report import source_commit
 from lgframe.formats.files import write_json
 from lgframe.models.convert import to_diffusers
 from lgframe.models.registry import create_model
@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 from overhead import batch_of, memory_bytes, timed  # noqa: E402  (the same step, batch and memory count)
 
 RESULTS = HERE / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
 MODEL_KW = {"image_size": 8, "in_channels": 1, "num_classes": 10, "freq_shift": 1}  # diffusers hard-wires shift 1
 
 
@@ -120,7 +121,7 @@ def main() -> None:
         print(f"{model_name:<10} batch {batch:<3} lgframe {r['lgframe_ms']:8.2f} ms  diffusers {r['diffusers_ms']:8.2f} ms  "
               f"ratio {r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})  memory ratio {r['memory_ratio']:.3f}  "
               f"output gap {r['output_gap']:.1e}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    commit = source_commit(ROOT)
     import diffusers
 
     write_json(Path(args.out) / ("peer_step_quick.json" if args.quick else "peer_step.json"), {

@@ -48,12 +48,15 @@ from lgframe.apps.personalize import (  # noqa: E402
     subject_images,
     with_subject_class,
 )
+from lgframe.apps.report import source_commit
 from lgframe.formats.files import atomic_path, write_json  # noqa: E402
 from lgframe.models.files import save_model
 from lgframe.models.registry import create_model  # noqa: E402
 from lgframe.training.recipes import load_recipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
+CODE = ("lgframe", "strategies", "benchmarks/personalize_memory.py")  # the code a result depends on
 
 
 def configs(front: int, back: int, s_min: int, s_max: int) -> dict[str, dict]:
@@ -170,18 +173,6 @@ def plot(mem: list[dict], quality: list[dict], path: Path, quality_note: str = "
     plt.close(fig)
 
 
-def commit() -> str | None:
-    """The checkout's commit (with "+changes" when files differ from it), or None."""
-    try:
-        run = dict(cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=30)  # the checkout
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lgframe", "strategies", "benchmarks/personalize_memory.py"],
-                               **run).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+changes" if dirty else "")) or None
-
-
 def last_commit(path: Path) -> str | None:
     """The commit that last changed `path` (a results file written before runs recorded their commit)."""
     try:
@@ -221,7 +212,7 @@ def main() -> None:
               f"activations {r['activations'] / 2**20:8.2f} MiB ({r['activation_ratio']:.2f}x), "
               f"EMA copy {r['ema'] / 2**20:.2f} MiB", flush=True)
     stem = "personalize_memory_quick" if args.quick else "personalize_memory"
-    measured = {"date": datetime.date.today().isoformat(), "commit": commit()}
+    measured = {"date": datetime.date.today().isoformat(), "commit": source_commit(ROOT, CODE, missing=None)}
     if args.memory_only:
         path = out / f"{stem}.json"
         old = json.loads(path.read_text()) if path.is_file() else {}

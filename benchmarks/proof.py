@@ -48,14 +48,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from lgframe.apps.compare import build_ancestors, fit_or_reuse, sample_rows
-from lgframe.apps.report import markdown_table, save_figure
+from lgframe.apps.report import markdown_table, save_figure, source_commit
 from lgframe.apps.stats import summarize, t_interval
 from lgframe.data.datamodule import build_datamodule
 from lgframe.formats.files import write_json, write_text
@@ -65,6 +64,7 @@ from lgframe.training.recipes import load_recipe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
 METHODS = ["svd", "kronecker", "tucker", "kind", "dct", "dwt", "select"]
 # setting -> (ancestor data, descendant data, descendant train fraction)
 SETTINGS = {"base": ("animals", "animals", 1.0), "limited": ("animals", "animals", 0.1),
@@ -214,7 +214,7 @@ def run_family(family: str, settings: list[str], seeds: list[int], methods: list
                                         if same_data else {}, floor=0.0 if family == "dit" else 0.5 / p["val_subset"])
         out["settings"][setting] = cell_rows
         out.setdefault("setting_seconds", {})[setting] = round(time.time() - t_setting, 1)
-        out.setdefault("setting_measured", {})[setting] = f"{time.strftime('%Y-%m-%d')} at {_commit()}"
+        out.setdefault("setting_measured", {})[setting] = f"{time.strftime('%Y-%m-%d')} at {source_commit(ROOT)}"
         out["wall_seconds"] = round(time.time() - t0, 1)
         if save:
             save(out)
@@ -371,14 +371,6 @@ def plot_ratios(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="svd, select and scratch; 1 seed; tiny sizes (the tests)")
@@ -410,8 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = ["base"] if args.quick else args.settings.split(",")
         seeds = list(range(1 if args.quick else args.seeds))
         for family in families:
-            meta = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "seeds": seeds, "methods": methods,
-                    "protocol": p, "quality": "validation loss" if family == "dit" else "validation error",
+            meta = {"date": time.strftime("%Y-%m-%d"), "commit": source_commit(ROOT), "seeds": seeds,
+                    "methods": methods, "protocol": p, "quality": "validation loss" if family == "dit" else "validation error",
                     "quick": args.quick}
 
             def save(res, family=family, meta=meta):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lgframe.apps.report import save_figure
+from lgframe.apps.report import save_figure, source_commit
 from lgframe.data.datamodule import ImageDataModule
 from lgframe.formats.files import write_json
 from lgframe.training.metrics import class_accuracy, digits_fid
@@ -36,6 +36,7 @@ from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import fit, load_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout whose commit results record
 
 
 def bright_share(x: torch.Tensor) -> float:
@@ -84,20 +85,11 @@ def main(argv: list[str] | None = None) -> None:
                           f"{r['class_accuracy']:.3f}  bright {r['bright_share']:.3f}", flush=True)
     out = Path(args.out)
     name = "sampler_quick" if q else "sampler"
-    write_json(out / f"{name}.json", {"date": time.strftime("%Y-%m-%d"), "commit": commit(), "ancestor": source,
+    write_json(out / f"{name}.json", {"date": time.strftime("%Y-%m-%d"), "commit": source_commit(ROOT),
+                                      "ancestor": source,
                                       "samples": n, "spacings": spacings, "rows": rows,
                                       "wall_seconds": round(time.time() - t0, 1)})
     plot(rows, out / f"{name}.png", guidances, spacings)
-
-
-def commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def plot(rows: list[dict], path: Path, guidances: list[float], spacings: list[str]) -> None:
