@@ -75,6 +75,7 @@ from lgframe.formats.files import atomic_dir, atomic_path, read_safetensors, sav
 from lgframe.models.dit import DiT, sincos_at, sincos_pos_embed
 from lgframe.models.files import read_model
 from lgframe.models.registry import model_from_config
+from lgframe.training.speed import set_activation_checkpointing
 from lgframe.training.stages import QUIET, plot_curves, read_curve, refuse_unhonoured, single_device_trainer, unique_dir
 from lgframe.training.tasks import DiffusionTask
 
@@ -451,8 +452,7 @@ class PersonalizeTask(DiffusionTask):
         itself in the backward (only the middle blocks have a backward: the skipped ones
         run under no_grad)."""
         if self.recipe["trainer"].get("activation_checkpointing"):
-            for block in self.model.blocks:  # DiTBlocks, some with LoRA (so not a Layout's identical blocks)
-                block.activation_checkpointing = True
+            set_activation_checkpointing(self.model)
 
     # configure_optimizers: LgTask's (fit's) optimizer over the trainable parameters (LoRA A, B and the
     # class table): optim.name adamw | sgd, lr, weight_decay, warmup_steps, schedule.

@@ -23,12 +23,15 @@ from lgframe.models.dit import CheckpointedBlock
 
 
 def set_activation_checkpointing(model: nn.Module, on: bool = True) -> int:
-    """Switch activation checkpointing of every repeated block; returns how many blocks."""
-    blocks = list(Layout(model).blocks(model))
-    if all(isinstance(b, CheckpointedBlock) for b in blocks):
-        for b in blocks:
+    """Switch activation checkpointing of every repeated block; returns how many blocks.
+    lgframe's blocks (`CheckpointedBlock`) are found as modules, so a model whose blocks are
+    no longer identical (peft's LoRA in some of them, as personalize does) is switched too."""
+    own = [m for m in model.modules() if isinstance(m, CheckpointedBlock)]
+    if own:
+        for b in own:
             b.activation_checkpointing = on
-        return len(blocks)
+        return len(own)
+    blocks = list(Layout(model).blocks(model))
     for enable, disable in (("enable_gradient_checkpointing", "disable_gradient_checkpointing"),  # diffusers
                             ("gradient_checkpointing_enable", "gradient_checkpointing_disable")):  # transformers
         if hasattr(model, enable):
