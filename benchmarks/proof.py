@@ -14,7 +14,9 @@ Protocol (DESIGN.md's benchmark protocol, completed; every number below is an op
 - Descendants one size smaller (depth 3, width 32) and one larger (depth 6,
   width 96) than the ancestor: depth and width both change. Every method plus
   scratch, the same seeds, data order and budget, validated every
-  `steps / 20` steps (21 points per curve).
+  `steps / 20` steps (21 points per curve). The learngene trains from step 0
+  for the DiT and joins at half the steps for the ViT (`UNFREEZE`: the descend
+  recipes' defaults, measured by descent_sweep.py).
 - Settings: `base` (ancestor and descendant on animals), `limited` (the
   descendant sees 10% of its training split), `shift` (ancestor on animals,
   descendant on the generated shapes at 16x16), and, opt-in, `shift_digits`
@@ -22,8 +24,8 @@ Protocol (DESIGN.md's benchmark protocol, completed; every number below is an op
 - Per run: step-0 and final quality; area under the validation curve (of the
   loss, or of the error 1 - accuracy: lower is better for both); steps to
   reach scratch's final, select's final and the ancestor's final quality. For
-  the DiT: FID (animals- or shapes-classifier features, 200 samples, 20 DDIM
-  steps) and class accuracy at guidance 1 and at the best of 1, 1.5, 2, 3,
+  the DiT: FID (animals- or shapes-classifier features, 200 samples, 20 DDPM
+  steps, EMA weights with warm-up) and class accuracy at guidance 1 and at the best of 1, 1.5, 2, 3,
   chosen on one half of the validation split and reported on the other half
   with fresh noise.
 - Per cell (family, setting, size, method): mean with a 95% t-interval over
@@ -40,7 +42,9 @@ Runs live in `--work` (default benchmarks/.work, under proof/): a stopped benchm
 continues where it was, finished runs and evaluations are reused. Writes
 benchmarks/results/proof_<family>.json, proof.json (both families, summary),
 proof_curves.png, proof_ratios.png, proof_samples_<setting>_<size>.png and
-proof.md (the tables the README quotes).
+proof.md (the tables the README quotes). The run before #24's defaults (DDIM,
+no EMA warm-up, every learngene frozen for half the steps; 2026-12-02 at
+82c04fe/fde6168) is kept in benchmarks/results/proof_2026-12-02/.
 """
 
 from __future__ import annotations
@@ -78,20 +82,23 @@ def protocol(quick: bool) -> dict:
     if quick:
         return {"image_size": 16, "patch": 4, "ancestor": "depth=2 width=32 heads=2", "ancestor_steps": 20,
                 "sizes": {"smaller": "depth=2 width=16 heads=2", "larger": "depth=3 width=48 heads=2"},
-                "steps": 10, "points": 5, "batch": 32, "val_subset": 64, "fid_samples": 20, "sample_steps": 4}
+                "steps": 10, "points": 5, "batch": 32, "val_subset": 64, "fid_samples": 20, "sample_steps": 4,
+                "unfreeze": UNFREEZE, "sampler": "ddpm", "ema_warmup": True}
     return {"image_size": 16, "patch": 4, "ancestor": "depth=4 width=64 heads=2", "ancestor_steps": 1500,
             "sizes": {"smaller": "depth=3 width=32 heads=2", "larger": "depth=6 width=96 heads=3"},
-            "steps": 240, "points": 20, "batch": 64, "val_subset": 256, "fid_samples": 200, "sample_steps": 20}
+            "steps": 240, "points": 20, "batch": 64, "val_subset": 256, "fid_samples": 200, "sample_steps": 20,
+            "unfreeze": UNFREEZE, "sampler": "ddpm", "ema_warmup": True}
 
 
-# The committed full run (results/proof_*.json) was measured before the EMA warm-up became the
-# default and before the digits recipes moved to the DDPM sampler: pinned, so the protocol reproduces
-# it. Re-measuring under the new defaults means dropping these (and a fresh --work).
-PINNED = ["ema.warmup=false", "sample.scheduler=ddim"]
+# Where the descendant's learngene joins training, a fraction of `steps` per family: the descend
+# recipes' measured defaults (descent_sweep, benchmarks/README.md): the DiT trains everything from
+# step 0, the ViT keeps FINE's two phases (half the steps with the learngene frozen).
+UNFREEZE = {"dit": 0.0, "vit": 0.5}
 
 
 def data_overrides(p: dict, name: str) -> list[str]:
-    return [f"data.name={name}", f"data.image_size={p['image_size']}", f"data.val_subset={p['val_subset']}", *PINNED]
+    return [f"data.name={name}", f"data.image_size={p['image_size']}", f"data.val_subset={p['val_subset']}",
+            f"sample.scheduler={p['sampler']}", f"ema.warmup={str(p['ema_warmup']).lower()}"]
 
 
 def model_name(family: str, p: dict, size: str) -> str:
@@ -123,7 +130,7 @@ def descendant_run(family: str, setting: str, size: str, method: str, seed: int,
               *[f"model.{k}={v}" for k, v in overrides.items()], *data_overrides(p, desc_data),
               f"data.batch_size={p['batch']}", f"data.train_fraction={frac}", f"trainer.max_steps={p['steps']}",
               f"trainer.val_every={max(1, p['steps'] // p['points'])}", f"seed={seed}",
-              f"init.unfreeze_at={p['steps'] // 2}", f"trainer.progress={str(progress).lower()}"]
+              f"init.unfreeze_at={int(p['steps'] * p['unfreeze'][family])}", f"trainer.progress={str(progress).lower()}"]
     if method == "scratch":
         common.append("constraint=scratch")
     else:
