@@ -88,6 +88,29 @@ def _dct_rows(N: int, k: int, high: bool) -> torch.Tensor:
     return torch.from_numpy(D[N - k:] if high else D[:k]).float()
 
 
+@lru_cache(maxsize=64)
+def _idct_matrix(N: int, n: int, s0: int, c: int) -> torch.Tensor:
+    """(n, c): the c coefficients starting at s0 of a length-N orthonormal DCT-II spectrum,
+    inverted on n samples: scipy's `idct(pad(y, (s0, 0)), n=n) * sqrt(n / N)` (crop or
+    zero-pad to n) as a matrix."""
+    D = scipy.fft.dct(np.eye(n), norm="ortho", axis=0)  # row j: basis function j on n samples
+    M = np.zeros((n, c))
+    hi = min(s0 + c, n)
+    if hi > s0:
+        M[:, : hi - s0] = D[s0:hi].T
+    return torch.from_numpy(M * np.sqrt(n / N)).float()
+
+
+def _restore(z: torch.Tensor, mean: float, std: float, renormalize: bool) -> torch.Tensor:
+    """`lgframe.core.resize.restore` in place on a torch tensor (no numpy round trip)."""
+    if renormalize:
+        s, m = torch.std_mean(z, correction=0)
+        if float(s) == 0:
+            return z.fill_(mean)
+        return z.sub_(m).mul_(std / s).add_(mean)
+    return z.mul_(std).add_(mean)
+
+
 @dataclass
 class DCTOptions(BaseOptions):
     # Kept block per axis (depth, rows, columns): a fraction in (0, 1] of the
@@ -156,22 +179,10 @@ class DCT(TransformConstraint):
                 "start": torch.tensor(start)}
 
     def decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:
-        Z = tensors["coef"].float().numpy()
-        mean, std = tensors["stats"].tolist()
-        chunks = [1] + [axis_chunks(s, t, a, b, role.name) for s, t in zip(src_shape[1:], role.shape[1:])]
-        start = tensors["start"].tolist() if "start" in tensors else [0, 0, 0]
-        for axis, (k, N, n, s0) in enumerate(zip(chunks, src_shape, role.shape, start)):
-            def back(y, ax, N=N // k, n=n // k, s0=s0):
-                if s0:  # a block from inside the spectrum goes back to its place
-                    pad = [(0, 0)] * y.ndim
-                    pad[ax] = (s0, 0)
-                    y = np.pad(y, pad)
-                out = scipy.fft.idct(y, n=n, norm="ortho", axis=ax, workers=-1)  # crops / zero-pads to n itself
-                out *= out.dtype.type(np.sqrt(n / N))
-                return out
-            Z = along(Z, axis, k, back)
-        W = restore(Z, mean, std, self.options.renormalize) * fan_in_factor(src_shape[2], role.shape[2], self.options.fan_in_power)
-        return torch.from_numpy(W).float()
+        """scipy.fft's inverse on a CPU; one matrix product per axis on the descendant's device
+        where that is a GPU (on a CPU the products cost 5x scipy's time: benchmarks/dct_decode.py)."""
+        decode = scipy_decode if init.device.type == "cpu" else matrix_decode
+        return decode(self, role, src_shape, tensors, a, b, init)
 
     def descend_free(self, learngene, model, layout: Layout, a: Dims, b: Dims) -> None:
         resize_free(learngene, model, layout, a, b,
@@ -198,3 +209,42 @@ class DCT(TransformConstraint):
             inside = torch.einsum("cn,aibjn->aibjc", D[2], Y).pow(2).sum()
             fractions.append(1 - inside / W.pow(2).sum().clamp_min(1e-30))
         return self.options.lam * torch.stack(fractions).mean()
+
+
+def _decode_axes(role, src_shape, tensors, a: Dims, b: Dims):
+    """Per axis: its chunk count, source and target length, and where the kept block starts."""
+    chunks = [1] + [axis_chunks(s, t, a, b, role.name) for s, t in zip(src_shape[1:], role.shape[1:])]
+    start = tensors["start"].tolist() if "start" in tensors else [0, 0, 0]
+    return enumerate(zip(chunks, src_shape, role.shape, start))
+
+
+def scipy_decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:
+    """`DCT.decode` on a CPU: scipy.fft's crop/pad inverse per axis (numpy)."""
+    Z = tensors["coef"].float().numpy()
+    mean, std = tensors["stats"].tolist()
+    for axis, (k, N, n, s0) in _decode_axes(role, src_shape, tensors, a, b):
+        def back(y, ax, N=N // k, n=n // k, s0=s0):
+            if s0:
+                pad = [(0, 0)] * y.ndim
+                pad[ax] = (s0, 0)
+                y = np.pad(y, pad)
+            out = scipy.fft.idct(y, n=n, norm="ortho", axis=ax, workers=-1)
+            out *= out.dtype.type(np.sqrt(n / N))
+            return out
+        Z = along(Z, axis, k, back)
+    W = restore(Z, mean, std, self.options.renormalize) * fan_in_factor(src_shape[2], role.shape[2], self.options.fan_in_power)
+    return torch.from_numpy(W).float()
+
+
+def matrix_decode(self, role, src_shape, tensors, a: Dims, b: Dims, init) -> torch.Tensor:
+    """`DCT.decode` as one matrix product per axis (`_idct_matrix`), in torch on `init`'s device."""
+    Z = tensors["coef"].to(init.device, torch.float32)
+    mean, std = tensors["stats"].tolist()
+    for axis, (k, N, n, s0) in _decode_axes(role, src_shape, tensors, a, b):
+        c = Z.shape[axis] // k
+        M = _idct_matrix(N // k, n // k, s0, c).to(init.device)
+        shape = Z.shape
+        Y = Z.reshape(shape[:axis] + (k, c) + shape[axis + 1:]).movedim(axis + 1, -1) @ M.T
+        Z = Y.movedim(-1, axis + 1).reshape(shape[:axis] + (-1,) + shape[axis + 1:])
+    W = _restore(Z, mean, std, self.options.renormalize)
+    return W.mul_(fan_in_factor(src_shape[2], role.shape[2], self.options.fan_in_power)).contiguous()

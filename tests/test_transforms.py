@@ -14,6 +14,7 @@ from lgframe.core.layout import Layout
 from lgframe.core.registry import get_constraint
 from lgframe.errors import LgframeError
 from lgframe.models.registry import create_model
+from lgframe.strategies.dct import matrix_decode
 from lgframe.strategies.select import selection_index
 from lgframe.training.recipes import load_recipe
 from lgframe.training.stages import extract_learngene_file, fit, read_curve
@@ -117,6 +118,22 @@ def test_dct_exact_halving_and_doubling_of_a_band_limited_tensor():
     for d, w, h in ((2, 64, 2), (8, 256, 8)):
         got = stack(descend("dct", anc, create_model("DiT-Nano/2", depth=d, width=w, heads=h), **opts))
         assert torch.allclose(got, torch.from_numpy(cosines(d, 4 * w, w)).float(), atol=1e-5), (d, w)
+
+
+@pytest.mark.parametrize("band", ["low", "high"])
+def test_dct_matrix_decode_equals_scipys_inverse(band, monkeypatch):
+    """The decode as one matrix product per axis (a GPU's) gives scipy's crop/pad inverse (a
+    CPU's), every role (q/k/v and adaLN chunks included), shrinking and growing, either band."""
+    anc = activate(create_model("DiT-Nano/2", depth=4))
+    dct_cls = type(get_constraint({"name": "dct"}))
+    for size in (dict(depth=3, width=96, heads=3), dict(depth=6, width=192, heads=6)):
+        want = descend("dct", anc, create_model("DiT-Nano/2", **size), band=band).state_dict()
+        with monkeypatch.context() as m:
+            m.setattr(dct_cls, "decode", matrix_decode)
+            got = descend("dct", anc, create_model("DiT-Nano/2", **size), band=band).state_dict()
+        for key, w in want.items():
+            assert torch.allclose(got[key], w, rtol=1e-4, atol=1e-6), (size, key)
+        assert any(not torch.equal(got[k], v) for k, v in want.items())  # the matrix form did replace decode
 
 
 def test_non_dyadic_dwt_is_not_weight_selection():
