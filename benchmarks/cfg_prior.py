@@ -12,7 +12,7 @@ prior and with the base model's, at several guidance scales; report FID
 (digits-classifier features, against real digits of classes 0-4) and class
 accuracy of the samples. Same seeds, same noise for both priors.
 
-    python benchmarks/cfg_prior.py            # full run, ~6 min on 2 CPU cores
+    python benchmarks/cfg_prior.py            # full run, ~9 min on 2 CPU cores
     python benchmarks/cfg_prior.py --quick    # ~1 min smoke run
 
 Writes benchmarks/results/cfg_prior.json and cfg_prior.png.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lgframe.apps.report import source_commit
 from lgframe.data.datamodule import ImageDataModule
 from lgframe.formats.files import atomic_path, write_json
 from lgframe.training.metrics import class_accuracy, digits_fid
@@ -36,23 +37,23 @@ from lgframe.training.stages import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = [0, 1, 2, 3, 4]
+SAMPLER = "ddpm"  # the digits recipes' (the run before 2026-12-03 used DDIM without the EMA warm-up)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 beside another benchmark)")
     args = ap.parse_args()
     q = args.quick
     base_steps, ft_steps, n, steps = (150, 60, 100, 10) if q else (1000, 400, 500, 30)
     scales = [1.0, 2.0, 4.0] if q else [1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     t0 = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"out_dir={tmp}", "trainer.progress=false", "model.name=DiT-Nano/2" if not q else "model.name=DiT-Pico/2",
-                  "constraint=scratch", "ema.decay=0.99",
-                  # results/cfg_prior.json was measured with DDIM and without the EMA warm-up: pinned to reproduce it
-                  "sample.scheduler=ddim", "ema.warmup=false"]
+                  "constraint=scratch", "ema.decay=0.99", f"sample.scheduler={SAMPLER}", "ema.warmup=true"]
         base = fit(load_recipe("dit_digits_pretrain", common + ["name=base", f"trainer.max_steps={base_steps}",
                                                                 f"trainer.val_every={base_steps}"]), extract_learngene=False)
         ft = fit(load_recipe("dit_digits_pretrain", common + [
@@ -73,10 +74,12 @@ def main() -> None:
                   f"class accuracy {rows[-1]['class_accuracy']:.3f}")
     result = {
         "protocol": {"base_steps": base_steps, "finetune_steps": ft_steps, "finetune_classes": CLASSES,
-                     "finetune_label_dropout": 0.01, "samples": n, "ddim_steps": steps, "quick": q,
+                     "finetune_label_dropout": 0.01, "samples": n, "sampler": SAMPLER,
+                     "sample_steps": steps, "ema_warmup": True, "quick": q,
                      "model": "DiT-Pico/2" if q else "DiT-Nano/2"},
         "rows": rows,
         "wall_seconds": round(time.time() - t0, 1),
+        "date": time.strftime("%Y-%m-%d"), "commit": source_commit(RESULTS.parents[1]), "threads": args.threads,
         "torch": torch.__version__,
     }
     out = Path(args.out)
